@@ -1,0 +1,145 @@
+//! `smolchat bench`: prefill and decode speed of the engine, single and packed, and peak memory.
+//!
+//! Figures are printed, never asserted: speed targets live here, not in timed tests.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::engine::{KvCache, Logits, Model, SeqInput};
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Prompt tokens per second, one 128-token prompt in one step.
+    pub prefill_128: f64,
+    pub prefill_512: f64,
+    /// Tokens per second of one stream decoding after a 128-token prompt.
+    pub decode_1: f64,
+    /// Aggregate tokens per second with B sequences at different positions in one packed step.
+    pub decode_batch: BTreeMap<String, f64>,
+    /// Aggregate decode tokens/s with 16 sequences of 1,000 tokens each.
+    pub decode_16_at_1000: f64,
+    /// Peak resident memory of the process (after the 16 × 1,000 case), MB.
+    pub peak_rss_mb: f64,
+    pub threads: usize,
+}
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn prefill_rate(model: &Model, n: usize) -> f64 {
+    let ids = tokens(n, model.cfg.vocab_size, n as u64);
+    let mut best = 0f64;
+    for _ in 0..2 {
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        let _ = model.forward(&mut [SeqInput { tokens: &ids, cache: &mut cache, logits: Logits::Last }]);
+        best = best.max(n as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Aggregate decode tokens/s of `caches` (already at their positions) over `steps` steps.
+fn decode_rate(model: &Model, caches: &mut [KvCache], steps: usize) -> f64 {
+    let vocab = model.cfg.vocab_size;
+    let mut next: Vec<[u32; 1]> = (0..caches.len()).map(|i| [(i * 31 % vocab) as u32]).collect();
+    let t = Instant::now();
+    for _ in 0..steps {
+        let mut batch: Vec<SeqInput> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(c, tok)| SeqInput { tokens: tok, cache: c, logits: Logits::Last })
+            .collect();
+        let out = model.forward(&mut batch).unwrap_or_default();
+        for (n, row) in next.iter_mut().zip(out) {
+            n[0] = crate::engine::sampler::argmax(&row);
+        }
+    }
+    (caches.len() * steps) as f64 / t.elapsed().as_secs_f64()
+}
+
+pub fn run(model: &Model) -> BenchReport {
+    // Warm the pool and the caches.
+    let _ = prefill_rate(model, 16);
+    let prefill_128 = prefill_rate(model, 128);
+    tracing::info!(prefill_128, "bench");
+    let prefill_512 = prefill_rate(model, 512);
+    tracing::info!(prefill_512, "bench");
+
+    let mut one = vec![model.new_cache()];
+    one[0].fill_synthetic(128);
+    let decode_1 = decode_rate(model, &mut one, 64);
+    tracing::info!(decode_1, "bench");
+
+    let mut decode_batch = BTreeMap::new();
+    for b in [2usize, 4, 8, 16] {
+        let mut caches: Vec<KvCache> = (0..b)
+            .map(|i| {
+                let mut c = model.new_cache();
+                c.fill_synthetic(64 + 37 * i);
+                c
+            })
+            .collect();
+        let rate = decode_rate(model, &mut caches, 32);
+        tracing::info!(batch = b, rate, "bench");
+        decode_batch.insert(b.to_string(), rate);
+    }
+
+    let mut long: Vec<KvCache> = (0..16)
+        .map(|_| {
+            let mut c = model.new_cache();
+            c.fill_synthetic(1000);
+            c
+        })
+        .collect();
+    let decode_16_at_1000 = decode_rate(model, &mut long, 8);
+    tracing::info!(decode_16_at_1000, "bench");
+    BenchReport {
+        prefill_128,
+        prefill_512,
+        decode_1,
+        decode_batch,
+        decode_16_at_1000,
+        peak_rss_mb: peak_rss_mb(),
+        threads: rayon::current_num_threads(),
+    }
+}
+
+/// Peak resident set size of this process in MB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+impl BenchReport {
+    pub fn table(&self) -> String {
+        let mut s = String::from("| measure | tokens/s |\n|---|---|\n");
+        s += &format!("| prefill, 128-token prompt | {:.0} |\n", self.prefill_128);
+        s += &format!("| prefill, 512-token prompt | {:.0} |\n", self.prefill_512);
+        s += &format!("| decode, 1 stream | {:.1} |\n", self.decode_1);
+        for (b, r) in &self.decode_batch {
+            s += &format!("| decode, {b} sequences (aggregate) | {r:.1} |\n");
+        }
+        s += &format!("| decode, 16 sequences at 1,000 tokens (aggregate) | {:.1} |\n", self.decode_16_at_1000);
+        s += &format!("| peak RSS | {:.0} MB |\n", self.peak_rss_mb);
+        s
+    }
+}

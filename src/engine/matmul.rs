@@ -1,0 +1,400 @@
+//! Quantized matrix products: `out[m × n] = x[m × k] · Wᵀ`, with `W` an `n × k` matrix kept in
+//! its GGUF block format.
+//!
+//! `x` is quantized once to [`BlockQ8`] rows. The work is cut into chunks of weight rows that run
+//! on the rayon pool; inside a chunk, each weight block is unpacked once and multiplied with up
+//! to four activation rows while it sits in registers, and activation rows are walked in tiles
+//! that stay in cache. So a batch of rows reads every weight byte once per step, not once per row.
+//! AVX2/FMA kernels are chosen at run time; the portable kernels compute the same sums.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::quant::{
+    dequantize_row, f16_at, quantize_row_q8, unpack_32, unpack_k_sub, unpack_q6k_16, BlockQ8,
+    GgmlType,
+};
+
+/// Bytes that a [`QMatrix`] borrows: a memory-mapped file or an owned buffer.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A weight matrix of `rows × cols` in a ggml format; row `r` holds output feature `r`.
+#[derive(Clone)]
+pub struct QMatrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    bytes: SharedBytes,
+    start: usize,
+}
+
+impl QMatrix {
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: SharedBytes, start: usize) -> Self {
+        debug_assert!(start + ty.row_bytes(cols) * rows <= (*bytes).as_ref().len());
+        Self {
+            ty,
+            rows,
+            cols,
+            bytes,
+            start,
+        }
+    }
+
+    pub fn data(&self) -> &[u8] {
+        let len = self.ty.row_bytes(self.cols) * self.rows;
+        &(*self.bytes).as_ref()[self.start..self.start + len]
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.cols)
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data()[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantizes row `r` (an embedding look-up).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize_row(self.ty, self.row(r), out);
+    }
+}
+
+/// Activations quantized for the kernels: `m` rows of `k / 32` blocks, plus the f32 rows for
+/// float weights.
+pub struct QuantizedRows<'a> {
+    pub m: usize,
+    pub k: usize,
+    blocks: Vec<BlockQ8>,
+    f32_rows: &'a [f32],
+}
+
+impl<'a> QuantizedRows<'a> {
+    pub fn new(x: &'a [f32], k: usize) -> Self {
+        assert!(k % 32 == 0 && x.len() % k == 0, "row length {k} must be a multiple of 32");
+        let m = x.len() / k;
+        let mut blocks = vec![BlockQ8::default(); m * k / 32];
+        if m >= 8 {
+            blocks
+                .par_chunks_mut(k / 32)
+                .zip(x.par_chunks(k))
+                .for_each(|(b, row)| quantize_row_q8(row, b));
+        } else {
+            quantize_row_q8(x, &mut blocks);
+        }
+        Self {
+            m,
+            k,
+            blocks,
+            f32_rows: x,
+        }
+    }
+
+    fn row(&self, i: usize) -> &[BlockQ8] {
+        let nb = self.k / 32;
+        &self.blocks[i * nb..(i + 1) * nb]
+    }
+}
+
+/// A raw pointer to an output buffer that chunks write disjoint parts of.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every chunk writes only the columns of its own weight rows.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Weight rows a parallel task takes; small enough to balance two cores, large enough to
+/// amortize the task.
+const CHUNK_ROWS: usize = 32;
+/// Activation rows walked per tile: 64 rows of 576 quantized values is ~45 KB.
+const TILE_ROWS: usize = 64;
+
+/// Computes several products over the same activations in one parallel pass (Q, K and V; or
+/// gate and up): `outs[j][m × wj.rows] = x · wjᵀ`.
+pub fn matmul_many(x: &QuantizedRows, ws: &[&QMatrix], outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len());
+    let mut tasks = Vec::new();
+    for (j, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+        assert_eq!(w.cols, x.k, "matmul: weight has {} columns, x has {}", w.cols, x.k);
+        assert_eq!(out.len(), x.m * w.rows);
+        let ptr = OutPtr(out.as_mut_ptr());
+        for r0 in (0..w.rows).step_by(CHUNK_ROWS) {
+            tasks.push((j, r0, (r0 + CHUNK_ROWS).min(w.rows), ptr));
+        }
+    }
+    let run = |&(j, r0, r1, ptr): &(usize, usize, usize, OutPtr)| {
+        let w = ws[j];
+        // SAFETY: tasks cover disjoint row ranges of `w`, so they write disjoint columns.
+        let out = unsafe { std::slice::from_raw_parts_mut(ptr.0, x.m * w.rows) };
+        matmul_rows(x, w, r0, r1, out);
+    };
+    if tasks.len() == 1 || x.m * x.k * tasks.len() < 4096 {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}
+
+pub fn matmul(x: &QuantizedRows, w: &QMatrix, out: &mut [f32]) {
+    matmul_many(x, &[w], &mut [out]);
+}
+
+fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) {
+    let n = w.rows;
+    for t0 in (0..x.m).step_by(TILE_ROWS) {
+        let t1 = (t0 + TILE_ROWS).min(x.m);
+        for r in r0..r1 {
+            let wrow = w.row(r);
+            let mut i = t0;
+            while i < t1 {
+                let g = (t1 - i).min(4);
+                let mut acc = [0f32; 4];
+                match w.ty {
+                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                        dot_float_rows(w.ty, wrow, x, i, g, &mut acc)
+                    }
+                    _ => {
+                        let rows: [&[BlockQ8]; 4] =
+                            std::array::from_fn(|a| x.row(i + a.min(g - 1)));
+                        dot_rows(w.ty, wrow, &rows[..g], &mut acc);
+                    }
+                }
+                for a in 0..g {
+                    out[(i + a) * n + r] = acc[a];
+                }
+                i += g;
+            }
+        }
+    }
+}
+
+fn dot_float_rows(ty: GgmlType, wrow: &[u8], x: &QuantizedRows, i: usize, g: usize, acc: &mut [f32; 4]) {
+    let mut w = vec![0f32; x.k];
+    dequantize_row(ty, wrow, &mut w);
+    for a in 0..g {
+        let xr = &x.f32_rows[(i + a) * x.k..(i + a + 1) * x.k];
+        acc[a] = super::simd::dot(&w, xr);
+    }
+}
+
+/// Dot products of one quantized weight row with up to four activation rows.
+pub fn dot_rows(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        match ty {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            GgmlType::Q4_0 | GgmlType::Q4_1 => unsafe {
+                return avx2::dot_q4_rows(ty, wrow, rows, acc);
+            },
+            GgmlType::Q8_0 => unsafe {
+                return avx2::dot_q8_0_rows(wrow, rows, acc);
+            },
+            _ => {}
+        }
+    }
+    dot_rows_portable(ty, wrow, rows, acc)
+}
+
+/// The portable kernel: unpack each weight block once, then integer dot products per row.
+pub fn dot_rows_portable(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+    let (bs, bb) = ty.block();
+    let mut q = [0i8; 32];
+    for (b, blk) in wrow.chunks_exact(bb).enumerate() {
+        match ty {
+            GgmlType::Q4K | GgmlType::Q5K => {
+                for sub in 0..8 {
+                    let (d, m) = unpack_k_sub(ty, blk, sub, &mut q);
+                    accumulate(&q, d, m, rows, b * 8 + sub, acc);
+                }
+            }
+            GgmlType::Q6K => {
+                let d = f16_at(blk, 208);
+                let mut q16 = [0i8; 16];
+                for g in 0..16 {
+                    let sc = unpack_q6k_16(blk, g, &mut q16);
+                    let ab = b * 8 + g / 2;
+                    let off = (g % 2) * 16;
+                    for (r, row) in rows.iter().enumerate() {
+                        let a = &row[ab];
+                        let s: i32 = q16
+                            .iter()
+                            .zip(&a.qs[off..off + 16])
+                            .map(|(&w, &x)| w as i32 * x as i32)
+                            .sum();
+                        acc[r] += d * sc as f32 * a.d * s as f32;
+                    }
+                }
+            }
+            _ => {
+                debug_assert_eq!(bs, 32);
+                let (d, m) = unpack_32(ty, blk, &mut q);
+                accumulate(&q, d, m, rows, b, acc);
+            }
+        }
+    }
+}
+
+#[inline]
+fn accumulate(q: &[i8; 32], d: f32, m: f32, rows: &[&[BlockQ8]], ab: usize, acc: &mut [f32; 4]) {
+    for (r, row) in rows.iter().enumerate() {
+        let a = &row[ab];
+        let s: i32 = q.iter().zip(&a.qs).map(|(&w, &x)| w as i32 * x as i32).sum();
+        acc[r] += d * a.d * s as f32 + m * a.s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{f16_at, BlockQ8, GgmlType};
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Σ u·s over 32 unsigned (u < 128) by signed bytes, as 8 f32 lanes.
+    #[inline(always)]
+    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(u, s);
+        let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+        _mm256_cvtepi32_ps(p32)
+    }
+
+    /// Q4_0 and Q4_1: nibbles are unsigned; Q4_0's `-8` is its offset `m = -8·d`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_rows(ty: GgmlType, w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+        let (bb, qoff) = if ty == GgmlType::Q4_0 { (18, 2) } else { (20, 4) };
+        let nb = w.len() / bb;
+        let mask = _mm256_set1_epi8(0xF);
+        let mut vacc = [_mm256_setzero_ps(); 4];
+        let mut macc = [0f32; 4];
+        let nr = rows.len();
+        for b in 0..nb {
+            let blk = w.as_ptr().add(b * bb);
+            let d = f16_at(w, b * bb);
+            let m = if ty == GgmlType::Q4_0 { -8.0 * d } else { f16_at(w, b * bb + 2) };
+            let raw = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
+            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+            let q = _mm256_and_si256(both, mask);
+            for r in 0..nr {
+                let a = rows[r].get_unchecked(b);
+                let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                vacc[r] = _mm256_fmadd_ps(dot_u8_i8(q, x), _mm256_set1_ps(d * a.d), vacc[r]);
+                macc[r] += m * a.s;
+            }
+        }
+        for r in 0..nr {
+            acc[r] = hsum(vacc[r]) + macc[r];
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8_0_rows(w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+        let nb = w.len() / 34;
+        let mut vacc = [_mm256_setzero_ps(); 4];
+        let nr = rows.len();
+        for b in 0..nb {
+            let blk = w.as_ptr().add(b * 34);
+            let d = f16_at(w, b * 34);
+            let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            let qa = _mm256_sign_epi8(q, q);
+            for r in 0..nr {
+                let a = rows[r].get_unchecked(b);
+                let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                let xs = _mm256_sign_epi8(x, q);
+                vacc[r] = _mm256_fmadd_ps(dot_u8_i8(qa, xs), _mm256_set1_ps(d * a.d), vacc[r]);
+            }
+        }
+        for r in 0..nr {
+            acc[r] = hsum(vacc[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// A random weight row whose f16 scales are small normal numbers.
+    fn random_row(ty: GgmlType, k: usize, seed: u64) -> Vec<u8> {
+        let mut b = random_bytes(ty.row_bytes(k), seed);
+        let (_, bb) = ty.block();
+        let scale_at: &[usize] = match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            _ => &[],
+        };
+        for blk in b.chunks_exact_mut(bb) {
+            for &o in scale_at {
+                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(0.01 + (blk[o] as f32) / 5000.0).to_le_bytes());
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn kernels_match_dequantized_reference() {
+        let k = 512;
+        let x: Vec<f32> = (0..3 * k).map(|i| ((i as f32) * 0.731).sin()).collect();
+        let q = QuantizedRows::new(&x, k);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ] {
+            let row = random_row(ty, k, 7);
+            let mut w = vec![0f32; k];
+            dequantize_row(ty, &row, &mut w);
+            let rows: Vec<&[BlockQ8]> = (0..3).map(|i| q.row(i)).collect();
+            let mut fast = [0f32; 4];
+            dot_rows(ty, &row, &rows, &mut fast);
+            let mut portable = [0f32; 4];
+            dot_rows_portable(ty, &row, &rows, &mut portable);
+            for i in 0..3 {
+                let exact: f32 = w.iter().zip(&x[i * k..(i + 1) * k]).map(|(a, b)| a * b).sum();
+                let norm: f32 = w.iter().map(|v| v.abs()).sum::<f32>() * 0.01 + 1e-3;
+                assert!((fast[i] - exact).abs() < norm, "{ty:?} row {i}: {} vs {exact}", fast[i]);
+                assert!((fast[i] - portable[i]).abs() < 1e-3 * (1.0 + exact.abs()), "{ty:?}: avx2 {} vs portable {}", fast[i], portable[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_batches_equal_single_rows() {
+        let (k, n, m) = (64, 70, 9);
+        let bytes: SharedBytes = Arc::new(random_row(GgmlType::Q4_1, k * n, 3));
+        let w = QMatrix::new(GgmlType::Q4_1, n, k, bytes, 0);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.37).cos()).collect();
+        let mut all = vec![0f32; m * n];
+        matmul(&QuantizedRows::new(&x, k), &w, &mut all);
+        for i in 0..m {
+            let mut one = vec![0f32; n];
+            matmul(&QuantizedRows::new(&x[i * k..(i + 1) * k], k), &w, &mut one);
+            assert_eq!(&all[i * n..(i + 1) * n], &one[..]);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The inference engine: GGUF reading, the quantized transformer with its packed-batch forward,
+//! KV caches, tokenizer, chat template, sampler and reasoning splitter.
+//!
+//! Plain synchronous Rust: no async runtime, no actors, no SQL. The model actor drives it.
+
+pub mod config;
+pub mod generate;
+pub mod gguf;
+pub mod kv;
+pub mod matmul;
+pub mod model;
+pub mod quant;
+pub mod reasoning;
+pub mod sampler;
+pub mod simd;
+pub mod template;
+pub mod tokenizer;
+
+use std::path::Path;
+
+pub use config::{Architecture, ModelConfig};
+pub use generate::{FinishReason, SequenceState, StopCondition};
+pub use kv::KvCache;
+pub use model::{Logits, Model, SeqInput};
+pub use sampler::{Sampler, SamplingParams};
+pub use template::{ChatMessage, ChatTemplate};
+pub use tokenizer::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file {path} does not exist; run `smolchat fetch-model` to get the default model, or pass --model PATH")]
+    ModelMissing { path: String },
+    #[error("model file {path} cannot be read: {source}")]
+    ModelUnreadable {
+        path: String,
+        source: gguf::GgufError,
+    },
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error(transparent)]
+    Template(#[from] template::TemplateError),
+    #[error("a sequence in the batch has no tokens")]
+    EmptyInput,
+    #[error("token id {0} is outside the vocabulary of {1}")]
+    TokenOutOfRange(u32, usize),
+    #[error("the prompt needs {needed} positions but the context holds {context}")]
+    ContextOverflow { needed: usize, context: usize },
+    #[error("the KV cache was made for another model")]
+    CacheShape,
+}
+
+/// A loaded model with everything needed to chat with it.
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    /// Tokens that end a generation (EOS, `<|im_end|>`, …).
+    pub end_of_generation: Vec<u32>,
+    pub file: gguf::GgufFile,
+}
+
+impl Engine {
+    /// Opens a GGUF model; a `tokenizer.json` beside it takes the place of the GGUF vocabulary.
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        if !path.exists() {
+            return Err(EngineError::ModelMissing {
+                path: path.display().to_string(),
+            });
+        }
+        let file = gguf::GgufFile::open(path).map_err(|source| EngineError::ModelUnreadable {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let model = Model::from_gguf(&file)?;
+        let beside = path.with_file_name("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_gguf(&file);
+        if beside.exists() {
+            let eos = file.get_u64("tokenizer.ggml.eos_token_id").ok().map(|v| v as u32);
+            let bos = file.get_u64("tokenizer.ggml.bos_token_id").ok().map(|v| v as u32);
+            tokenizer = Tokenizer::from_file(&beside, eos, bos);
+        }
+        let tokenizer = tokenizer?;
+        if tokenizer.vocab_size() < model.cfg.vocab_size {
+            return Err(EngineError::Tokenizer(tokenizer::TokenizerError::Build(format!(
+                "the vocabulary has {} tokens, the model {}",
+                tokenizer.vocab_size(),
+                model.cfg.vocab_size
+            ))));
+        }
+        let text_of = |id: Option<u32>| id.map(|i| tokenizer.decode(&[i])).unwrap_or_default();
+        let template = match file.get_str("tokenizer.chat_template") {
+            Ok(src) => Some(ChatTemplate::new(
+                src,
+                &text_of(tokenizer.bos_id),
+                &text_of(tokenizer.eos_id),
+            )?),
+            Err(_) => None,
+        };
+        let mut end_of_generation: Vec<u32> = tokenizer.eos_id.into_iter().collect();
+        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"] {
+            if let Some(id) = tokenizer.token_id(name) {
+                if tokenizer.is_special(id) && !end_of_generation.contains(&id) {
+                    end_of_generation.push(id);
+                }
+            }
+        }
+        tracing::info!(
+            path = %path.display(),
+            arch = ?model.cfg.arch,
+            layers = model.cfg.n_layers,
+            hidden = model.cfg.hidden,
+            context = model.cfg.context_length,
+            "model loaded"
+        );
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            end_of_generation,
+            file,
+        })
+    }
+
+    /// Renders a chat with the model's template and tokenizes it.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<(String, Vec<u32>), EngineError> {
+        let t = self.template.as_ref().ok_or(template::TemplateError::Missing)?;
+        let text = t.render(messages, add_generation_prompt, enable_thinking)?;
+        let ids = self.tokenizer.encode(&text, true)?;
+        Ok((text, ids))
+    }
+}

@@ -1,0 +1,304 @@
+//! Quantized block formats of GGML, as they lie in a GGUF file, and the activation format the
+//! matmul kernels pair them with.
+//!
+//! Weights are never dequantized wholesale: a matmul walks a weight row block by block. Every
+//! weight block is read as one or more *sub-blocks of 32*: 32 small integers `q`, a scale `d` and
+//! an offset `m`, so that `w = d·q + m` (Q6_K carries one scale per 16 and is handled apart).
+//! Activations are quantized to [`BlockQ8`] (32 signed bytes with their scale and sum), and a dot
+//! product of a weight sub-block with an activation block is
+//! `d·d_a·Σ q·q_a + m·d_a·Σ q_a`, integer work in the inner loop.
+
+use half::f16;
+
+/// The ggml tensor types this engine reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+    BF16,
+}
+
+impl GgmlType {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block)
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
+            Self::Q8_0 => (32, 34),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+        }
+    }
+
+    pub fn row_bytes(self, n: usize) -> usize {
+        let (b, s) = self.block();
+        n / b * s
+    }
+}
+
+/// 32 activations quantized to signed bytes: `x ≈ d·qs`, with `s = d·Σqs` for offset weights.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(8))]
+pub struct BlockQ8 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; 32],
+}
+
+impl Default for BlockQ8 {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; 32],
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of 32 long) into `out`.
+pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
+    debug_assert_eq!(x.len(), out.len() * 32);
+    for (chunk, blk) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in blk.qs.iter_mut().zip(chunk) {
+            let r = (v * id).round() as i32;
+            *q = r.clamp(-127, 127) as i8;
+            sum += *q as i32;
+        }
+        blk.d = d;
+        blk.s = d * sum as f32;
+    }
+}
+
+#[inline]
+pub fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Q4_K and Q5_K pack eight 6-bit scales and mins into 12 bytes.
+#[inline]
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Dequantizes one row of `ty` into `out` (used for embedding look-ups and references).
+pub fn dequantize_row(ty: GgmlType, src: &[u8], out: &mut [f32]) {
+    let (bs, bb) = ty.block();
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (blk, o) in src.chunks_exact(bb).zip(out.chunks_exact_mut(bs)) {
+                dequantize_block(ty, blk, o);
+            }
+        }
+    }
+}
+
+fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+            let mut q = [0i8; 32];
+            let (d, m) = unpack_32(ty, b, &mut q);
+            for (o, &v) in y.iter_mut().zip(&q) {
+                *o = d * v as f32 + m;
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            for sub in 0..8 {
+                let mut q = [0i8; 32];
+                let (d, m) = unpack_k_sub(ty, b, sub, &mut q);
+                for (o, &v) in y[sub * 32..].iter_mut().zip(&q) {
+                    *o = d * v as f32 + m;
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            let d = f16_at(b, 208);
+            for half in 0..16 {
+                let mut q = [0i8; 16];
+                let sc = unpack_q6k_16(b, half, &mut q);
+                for (o, &v) in y[half * 16..].iter_mut().zip(&q) {
+                    *o = d * sc as f32 * v as f32;
+                }
+            }
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("not a block type"),
+    }
+}
+
+/// Unpacks a 32-element block of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 into `q`, returning `(d, m)` with
+/// `w = d·q + m`.
+#[inline]
+pub fn unpack_32(ty: GgmlType, b: &[u8], q: &mut [i8; 32]) -> (f32, f32) {
+    let d = f16_at(b, 0);
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let qs = if ty == GgmlType::Q4_0 { &b[2..18] } else { &b[4..20] };
+            for j in 0..16 {
+                q[j] = (qs[j] & 0xF) as i8;
+                q[j + 16] = (qs[j] >> 4) as i8;
+            }
+            if ty == GgmlType::Q4_0 {
+                (d, -8.0 * d)
+            } else {
+                (d, f16_at(b, 2))
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let off = if ty == GgmlType::Q5_0 { 2 } else { 4 };
+            let qh = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
+            let qs = &b[off + 4..off + 20];
+            for j in 0..16 {
+                let h0 = ((qh >> j) & 1) as u8;
+                let h1 = ((qh >> (j + 16)) & 1) as u8;
+                q[j] = ((qs[j] & 0xF) | (h0 << 4)) as i8;
+                q[j + 16] = ((qs[j] >> 4) | (h1 << 4)) as i8;
+            }
+            if ty == GgmlType::Q5_0 {
+                (d, -16.0 * d)
+            } else {
+                (d, f16_at(b, 2))
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, &v) in q.iter_mut().zip(&b[2..34]) {
+                *o = v as i8;
+            }
+            (d, 0.0)
+        }
+        _ => unreachable!("not a 32-element block type"),
+    }
+}
+
+/// Unpacks sub-block `sub` (0..8, 32 elements) of a Q4_K or Q5_K super-block.
+#[inline]
+pub fn unpack_k_sub(ty: GgmlType, b: &[u8], sub: usize, q: &mut [i8; 32]) -> (f32, f32) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let (sc, mn) = scale_min_k4(sub, scales);
+    let group = sub / 2;
+    let shift = if sub % 2 == 0 { 0 } else { 4 };
+    match ty {
+        GgmlType::Q4K => {
+            let qs = &b[16 + group * 32..16 + group * 32 + 32];
+            for (o, &v) in q.iter_mut().zip(qs) {
+                *o = ((v >> shift) & 0xF) as i8;
+            }
+        }
+        GgmlType::Q5K => {
+            let qh = &b[16..48];
+            let qs = &b[48 + group * 32..48 + group * 32 + 32];
+            for l in 0..32 {
+                let hi = (qh[l] >> sub) & 1;
+                q[l] = (((qs[l] >> shift) & 0xF) | (hi << 4)) as i8;
+            }
+        }
+        _ => unreachable!("not a K-quant with mins"),
+    }
+    (d * sc as f32, -dmin * mn as f32)
+}
+
+/// Unpacks the 16-element group `g` (0..16) of a Q6_K super-block as `q - 32`; returns its scale.
+#[inline]
+pub fn unpack_q6k_16(b: &[u8], g: usize, q: &mut [i8; 16]) -> i8 {
+    let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+    // Elements n = 128·h + 32·k + l (l < 32) come from ql[64h + l + 32·(k&1)] (low or high
+    // nibble for k < 2 or k ≥ 2) and bits 2k..2k+2 of qh[32h + l].
+    let n0 = g * 16;
+    let (h, k, l0) = (n0 / 128, (n0 % 128) / 32, n0 % 32);
+    for (i, o) in q.iter_mut().enumerate() {
+        let l = l0 + i;
+        let lo = ql[64 * h + l + 32 * (k & 1)];
+        let lo = if k < 2 { lo & 0xF } else { lo >> 4 };
+        let hi = (qh[32 * h + l] >> (2 * k)) & 3;
+        *o = ((lo | (hi << 4)) as i32 - 32) as i8;
+    }
+    let is = 8 * h + l0 / 16 + 2 * k;
+    sc[is] as i8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_roundtrip_is_close() {
+        let x: Vec<f32> = (0..64).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+        let mut q = vec![BlockQ8::default(); 2];
+        quantize_row_q8(&x, &mut q);
+        for (i, v) in x.iter().enumerate() {
+            let b = &q[i / 32];
+            assert!((b.d * b.qs[i % 32] as f32 - v).abs() <= b.d * 0.5 + 1e-6);
+        }
+        let s: f32 = x[..32].iter().sum();
+        assert!((q[0].s - s).abs() < 0.1);
+    }
+
+    #[test]
+    fn q4_1_dequantizes_with_offset() {
+        let mut b = vec![0u8; 20];
+        b[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        b[4] = 0x3A; // element 0 = 0xA, element 16 = 0x3
+        let mut y = vec![0f32; 32];
+        dequantize_row(GgmlType::Q4_1, &b, &mut y);
+        assert_eq!(y[0], 0.5 * 10.0 - 1.0);
+        assert_eq!(y[16], 0.5 * 3.0 - 1.0);
+        assert_eq!(y[1], -1.0);
+    }
+}

@@ -1,0 +1,16 @@
+//! smolchat: a self-hosted, multi-user chat server for small local language models.
+//!
+//! The crate is laid out as in `DESIGN.md`:
+//! - [`engine`]: GGUF reading, the quantized transformer and its packed-batch forward, KV caches,
+//!   tokenizer, chat template, sampler, reasoning splitter. Synchronous; knows nothing of actors.
+//! - [`fetch`]: getting the default model onto the machine.
+//! - [`bench`]: the engine benchmark behind `smolchat bench`.
+//! - [`cli`]: the command-line subcommands.
+
+pub mod bench;
+pub mod cli;
+pub mod engine;
+pub mod fetch;
+
+/// Where the default model lives, relative to the working directory (the repository root).
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -1,0 +1,231 @@
+//! The `smolchat` binary: one command line for the chat, the model tools and the benchmarks.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use smolchat::cli::{self, generate::GenerateArgs};
+use smolchat::engine::quant::GgmlType;
+use smolchat::engine::{Architecture, Model, ModelConfig, SamplingParams};
+
+#[derive(Parser)]
+#[command(name = "smolchat", version, about = "Chat with small local language models")]
+struct Args {
+    /// GGUF model file.
+    #[arg(long, global = true, env = "SMOLCHAT_MODEL", default_value = smolchat::DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Worker threads for the engine (default: all cores).
+    #[arg(long, global = true, env = "SMOLCHAT_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SyntheticModel {
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
+    #[value(name = "smollm3-3b")]
+    Smollm3_3b,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat in the terminal (the default).
+    Chat {
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Download the default model (SmolLM2-135M-Instruct Q4_1) into models/.
+    FetchModel,
+    /// Token ids of a text.
+    Tokenize {
+        /// Special-token strings in TEXT are plain text.
+        #[arg(long)]
+        no_special: bool,
+        #[arg(last = true, required = true)]
+        text: Vec<String>,
+    },
+    /// Render a chat with the model's template.
+    Render {
+        /// A JSON list of {"role","content"}.
+        #[arg(long)]
+        messages: PathBuf,
+        #[arg(long)]
+        no_generation_prompt: bool,
+        #[arg(long, value_enum)]
+        thinking: Option<OnOff>,
+    },
+    /// Logits at every position of a token sequence.
+    Logits {
+        #[arg(long)]
+        ids: String,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Generate text from a prompt.
+    Generate {
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Wrap the prompt in the chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long)]
+        ids: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0.0)]
+        min_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity of a text file, the way llama-perplexity computes it.
+    Perplexity {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+    },
+    /// Engine speed: prefill, decode, packed batches, peak memory.
+    Bench {
+        #[arg(long)]
+        json: bool,
+        /// Bench a model of this shape with random weights instead of --model.
+        #[arg(long, value_enum)]
+        synthetic: Option<SyntheticModel>,
+        /// Weight format of the synthetic model.
+        #[arg(long, default_value = "q4_k")]
+        quant: String,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+    }
+    let command = args.command.unwrap_or(Command::Chat { max_tokens: 512, temperature: 0.7, system: None });
+    match command {
+        Command::FetchModel => smolchat::fetch::fetch_default_model(&args.model),
+        Command::Chat { max_tokens, temperature, system } => {
+            let engine = cli::load(&args.model)?;
+            let params = SamplingParams { temperature, top_p: 0.95, min_p: 0.05, seed: rand_seed(), ..Default::default() };
+            cli::generate::chat(&engine, params, max_tokens, system)
+        }
+        Command::Tokenize { no_special, text } => {
+            cli::inspect::tokenize(&cli::load(&args.model)?, &text.join(" "), no_special)
+        }
+        Command::Render { messages, no_generation_prompt, thinking } => cli::inspect::render(
+            &cli::load(&args.model)?,
+            &messages,
+            !no_generation_prompt,
+            thinking.map(|t| matches!(t, OnOff::On)),
+        ),
+        Command::Logits { ids, top } => cli::inspect::logits(&cli::load(&args.model)?, &cli::parse_ids(&ids)?, top),
+        Command::Generate { prompt, chat, ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, json } => {
+            let engine = cli::load(&args.model)?;
+            let ids = ids.as_deref().map(cli::parse_ids).transpose()?;
+            let params = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed, ..Default::default() };
+            cli::generate::generate(&engine, GenerateArgs { prompt, chat, ids, max_tokens, params, json })
+        }
+        Command::Perplexity { file, ctx } => cli::inspect::perplexity(&cli::load(&args.model)?, &file, ctx),
+        Command::Bench { json, synthetic, quant } => {
+            let owned;
+            let model = match synthetic {
+                Some(kind) => {
+                    owned = Model::synthetic(synthetic_config(kind), parse_quant(&quant)?, 7);
+                    &owned
+                }
+                None => {
+                    owned = smolchat::engine::Engine::load(&args.model)?.model;
+                    &owned
+                }
+            };
+            let report = smolchat::bench::run(model);
+            if json {
+                cli::print_json(&serde_json::to_value(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn parse_quant(q: &str) -> Result<GgmlType> {
+    Ok(match q.to_ascii_lowercase().as_str() {
+        "q4_0" => GgmlType::Q4_0,
+        "q4_1" => GgmlType::Q4_1,
+        "q8_0" => GgmlType::Q8_0,
+        "q4_k" => GgmlType::Q4K,
+        "q6_k" => GgmlType::Q6K,
+        "f16" => GgmlType::F16,
+        other => bail!("unknown --quant {other} (q4_0, q4_1, q8_0, q4_k, q6_k, f16)"),
+    })
+}
+
+/// Real shapes of the models we serve, for benchmarks with random weights.
+fn synthetic_config(kind: SyntheticModel) -> ModelConfig {
+    let (arch, n_layers, hidden, intermediate, n_heads, n_kv_heads, vocab, base) = match kind {
+        SyntheticModel::Smollm2_135m => (Architecture::Llama, 30, 576, 1536, 9, 3, 49152, 100_000.0),
+        SyntheticModel::Smollm3_3b => (Architecture::Smollm3, 36, 2048, 11008, 16, 4, 128_256, 5_000_000.0),
+    };
+    let head_dim = hidden / n_heads;
+    ModelConfig {
+        arch,
+        n_layers,
+        hidden,
+        intermediate,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        rope_dims: head_dim,
+        rope_base: base,
+        rms_eps: 1e-5,
+        context_length: 8192,
+        vocab_size: vocab,
+        tied_embeddings: true,
+        use_rope: (0..n_layers).map(|i| arch == Architecture::Llama || (i + 1) % 4 != 0).collect(),
+    }
+}
