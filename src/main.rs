@@ -142,6 +142,7 @@ fn run(args: Args) -> Result<()> {
     match command {
         Command::FetchModel => smolchat::fetch::fetch_default_model(&args.model),
         Command::Chat { max_tokens, temperature, system } => {
+            fetch_if_default(&args.model)?;
             let engine = cli::load(&args.model)?;
             let params = SamplingParams { temperature, top_p: 0.95, min_p: 0.05, seed: rand_seed(), ..Default::default() };
             cli::generate::chat(&engine, params, max_tokens, system)
@@ -184,6 +185,14 @@ fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The default model is fetched on first use; any other path must exist.
+fn fetch_if_default(model: &std::path::Path) -> Result<()> {
+    if model == std::path::Path::new(smolchat::DEFAULT_MODEL) && !model.exists() {
+        smolchat::fetch::fetch_default_model(model)?;
+    }
+    Ok(())
 }
 
 fn rand_seed() -> u64 {

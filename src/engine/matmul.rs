@@ -64,6 +64,10 @@ impl QMatrix {
 /// Activations quantized for the kernels: `m` rows of `k / 32` blocks, plus the f32 rows for
 /// float weights.
 pub struct QuantizedRows<'a> {
+    /// Precise mode: weights are dequantized block by block and multiplied with the f32 rows
+    /// (no 8-bit activations). Slower; it checks the rest of the model tightly against float
+    /// references.
+    pub precise: bool,
     pub m: usize,
     pub k: usize,
     blocks: Vec<BlockQ8>,
@@ -71,11 +75,12 @@ pub struct QuantizedRows<'a> {
 }
 
 impl<'a> QuantizedRows<'a> {
-    pub fn new(x: &'a [f32], k: usize) -> Self {
+    pub fn new(x: &'a [f32], k: usize, precise: bool) -> Self {
         assert!(k % 32 == 0 && x.len() % k == 0, "row length {k} must be a multiple of 32");
         let m = x.len() / k;
-        let mut blocks = vec![BlockQ8::default(); m * k / 32];
-        if m >= 8 {
+        let mut blocks = vec![BlockQ8::default(); if precise { 0 } else { m * k / 32 }];
+        if precise {
+        } else if m >= 8 {
             blocks
                 .par_chunks_mut(k / 32)
                 .zip(x.par_chunks(k))
@@ -84,6 +89,7 @@ impl<'a> QuantizedRows<'a> {
             quantize_row_q8(x, &mut blocks);
         }
         Self {
+            precise,
             m,
             k,
             blocks,
@@ -142,6 +148,7 @@ pub fn matmul(x: &QuantizedRows, w: &QMatrix, out: &mut [f32]) {
 
 fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) {
     let n = w.rows;
+    let precise = x.precise;
     for t0 in (0..x.m).step_by(TILE_ROWS) {
         let t1 = (t0 + TILE_ROWS).min(x.m);
         for r in r0..r1 {
@@ -151,6 +158,7 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
                 let g = (t1 - i).min(4);
                 let mut acc = [0f32; 4];
                 match w.ty {
+                    _ if precise => dot_float_rows(w.ty, wrow, x, i, g, &mut acc),
                     GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                         dot_float_rows(w.ty, wrow, x, i, g, &mut acc)
                     }
@@ -248,7 +256,14 @@ fn accumulate(q: &[i8; 32], d: f32, m: f32, rows: &[&[BlockQ8]], ab: usize, acc:
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{f16_at, BlockQ8, GgmlType};
+    use super::{BlockQ8, GgmlType};
+
+    /// The f16 at `p`, converted by the F16C instruction.
+    #[inline(always)]
+    unsafe fn f16_ptr(p: *const u8) -> f32 {
+        let h = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -269,51 +284,73 @@ mod avx2 {
     }
 
     /// Q4_0 and Q4_1: nibbles are unsigned; Q4_0's `-8` is its offset `m = -8·d`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_rows(ty: GgmlType, w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
-        let (bb, qoff) = if ty == GgmlType::Q4_0 { (18, 2) } else { (20, 4) };
+        let q4_0 = ty == GgmlType::Q4_0;
+        match rows.len() {
+            1 => dot_q4::<1>(q4_0, w, rows, acc),
+            2 => dot_q4::<2>(q4_0, w, rows, acc),
+            3 => dot_q4::<3>(q4_0, w, rows, acc),
+            _ => dot_q4::<4>(q4_0, w, rows, acc),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_q4<const R: usize>(q4_0: bool, w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+        let (bb, qoff) = if q4_0 { (18, 2) } else { (20, 4) };
         let nb = w.len() / bb;
         let mask = _mm256_set1_epi8(0xF);
-        let mut vacc = [_mm256_setzero_ps(); 4];
-        let mut macc = [0f32; 4];
-        let nr = rows.len();
+        let mut vacc = [_mm256_setzero_ps(); R];
+        let mut macc = [0f32; R];
+        let a: [*const BlockQ8; R] = std::array::from_fn(|r| rows[r].as_ptr());
+        let mut blk = w.as_ptr();
         for b in 0..nb {
-            let blk = w.as_ptr().add(b * bb);
-            let d = f16_at(w, b * bb);
-            let m = if ty == GgmlType::Q4_0 { -8.0 * d } else { f16_at(w, b * bb + 2) };
+            let d = f16_ptr(blk);
+            let m = if q4_0 { -8.0 * d } else { f16_ptr(blk.add(2)) };
             let raw = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
-            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-            let q = _mm256_and_si256(both, mask);
-            for r in 0..nr {
-                let a = rows[r].get_unchecked(b);
-                let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                vacc[r] = _mm256_fmadd_ps(dot_u8_i8(q, x), _mm256_set1_ps(d * a.d), vacc[r]);
-                macc[r] += m * a.s;
+            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+            for r in 0..R {
+                let ab = &*a[r].add(b);
+                let x = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+                vacc[r] = _mm256_fmadd_ps(dot_u8_i8(q, x), _mm256_set1_ps(d * ab.d), vacc[r]);
+                macc[r] += m * ab.s;
             }
+            blk = blk.add(bb);
         }
-        for r in 0..nr {
+        for r in 0..R {
             acc[r] = hsum(vacc[r]) + macc[r];
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q8_0_rows(w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+        match rows.len() {
+            1 => dot_q8_0::<1>(w, rows, acc),
+            2 => dot_q8_0::<2>(w, rows, acc),
+            3 => dot_q8_0::<3>(w, rows, acc),
+            _ => dot_q8_0::<4>(w, rows, acc),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_q8_0<const R: usize>(w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
         let nb = w.len() / 34;
-        let mut vacc = [_mm256_setzero_ps(); 4];
-        let nr = rows.len();
+        let mut vacc = [_mm256_setzero_ps(); R];
+        let a: [*const BlockQ8; R] = std::array::from_fn(|r| rows[r].as_ptr());
+        let mut blk = w.as_ptr();
         for b in 0..nb {
-            let blk = w.as_ptr().add(b * 34);
-            let d = f16_at(w, b * 34);
+            let d = f16_ptr(blk);
             let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
             let qa = _mm256_sign_epi8(q, q);
-            for r in 0..nr {
-                let a = rows[r].get_unchecked(b);
-                let x = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            for r in 0..R {
+                let ab = &*a[r].add(b);
+                let x = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
                 let xs = _mm256_sign_epi8(x, q);
-                vacc[r] = _mm256_fmadd_ps(dot_u8_i8(qa, xs), _mm256_set1_ps(d * a.d), vacc[r]);
+                vacc[r] = _mm256_fmadd_ps(dot_u8_i8(qa, xs), _mm256_set1_ps(d * ab.d), vacc[r]);
             }
+            blk = blk.add(34);
         }
-        for r in 0..nr {
+        for r in 0..R {
             acc[r] = hsum(vacc[r]);
         }
     }
@@ -355,7 +392,7 @@ mod tests {
     fn kernels_match_dequantized_reference() {
         let k = 512;
         let x: Vec<f32> = (0..3 * k).map(|i| ((i as f32) * 0.731).sin()).collect();
-        let q = QuantizedRows::new(&x, k);
+        let q = QuantizedRows::new(&x, k, false);
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
@@ -390,10 +427,10 @@ mod tests {
         let w = QMatrix::new(GgmlType::Q4_1, n, k, bytes, 0);
         let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.37).cos()).collect();
         let mut all = vec![0f32; m * n];
-        matmul(&QuantizedRows::new(&x, k), &w, &mut all);
+        matmul(&QuantizedRows::new(&x, k, false), &w, &mut all);
         for i in 0..m {
             let mut one = vec![0f32; n];
-            matmul(&QuantizedRows::new(&x[i * k..(i + 1) * k], k), &w, &mut one);
+            matmul(&QuantizedRows::new(&x[i * k..(i + 1) * k], k, false), &w, &mut one);
             assert_eq!(&all[i * n..(i + 1) * n], &one[..]);
         }
     }

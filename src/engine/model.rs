@@ -28,6 +28,8 @@ struct Layer {
 
 pub struct Model {
     pub cfg: ModelConfig,
+    /// Float activations in every matmul instead of 8-bit ones (see [`QuantizedRows`]).
+    pub precise: bool,
     embed: QMatrix,
     layers: Vec<Layer>,
     out_norm: Vec<f32>,
@@ -110,6 +112,7 @@ impl Model {
             .collect();
         Ok(Self {
             cfg,
+            precise: false,
             embed,
             layers,
             out_norm,
@@ -162,6 +165,7 @@ impl Model {
             out_norm: vec![1.0; h],
             inv_freq,
             cfg,
+            precise: false,
         }
     }
 
@@ -229,7 +233,7 @@ impl Model {
 
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, cfg.rms_eps, &mut xn, h);
-            let xq = QuantizedRows::new(&xn, h);
+            let xq = QuantizedRows::new(&xn, h, self.precise);
             matmul_many(&xq, &[&layer.wq, &layer.wk, &layer.wv], &mut [&mut q, &mut k, &mut v]);
             if cfg.use_rope[li] {
                 self.apply_rope(&mut q, nh, &cos, &sin);
@@ -243,16 +247,16 @@ impl Model {
             }
             let caches: Vec<&KvCache> = batch.iter().map(|s| &*s.cache).collect();
             attention(cfg, li, &caches, &spans, &q, &mut attn);
-            matmul(&QuantizedRows::new(&attn, nh * hd), &layer.wo, &mut o);
+            matmul(&QuantizedRows::new(&attn, nh * hd, self.precise), &layer.wo, &mut o);
             add_into(&mut x, &o);
 
             rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_eps, &mut xn, h);
-            let xq = QuantizedRows::new(&xn, h);
+            let xq = QuantizedRows::new(&xn, h, self.precise);
             matmul_many(&xq, &[&layer.w_gate, &layer.w_up], &mut [&mut gate, &mut up]);
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            matmul(&QuantizedRows::new(&gate, cfg.intermediate), &layer.w_down, &mut o);
+            matmul(&QuantizedRows::new(&gate, cfg.intermediate, self.precise), &layer.w_down, &mut o);
             add_into(&mut x, &o);
         }
 
@@ -272,7 +276,7 @@ impl Model {
         let vocab = cfg.vocab_size;
         let mut logits = vec![0f32; wanted.len() * vocab];
         if !wanted.is_empty() {
-            matmul(&QuantizedRows::new(&sel, h), &self.output, &mut logits);
+            matmul(&QuantizedRows::new(&sel, h, self.precise), &self.output, &mut logits);
         }
         let mut out = Vec::with_capacity(batch.len());
         let mut at = 0;

@@ -103,9 +103,13 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
     }
 }
 
+/// The f16 at byte `i` of `b`, through a table: the software conversion is too slow for the
+/// inner loops of the portable kernels.
 #[inline]
 pub fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    static TABLE: std::sync::OnceLock<Box<[f32]>> = std::sync::OnceLock::new();
+    let t = TABLE.get_or_init(|| (0..=u16::MAX).map(|h| f16::from_bits(h).to_f32()).collect());
+    t[u16::from_le_bytes([b[i], b[i + 1]]) as usize]
 }
 
 /// Q4_K and Q5_K pack eight 6-bit scales and mins into 12 bytes.

