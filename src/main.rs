@@ -10,7 +10,11 @@ use smolchat::engine::quant::GgmlType;
 use smolchat::engine::{Architecture, Model, ModelConfig, SamplingParams};
 
 #[derive(Parser)]
-#[command(name = "smolchat", version, about = "Chat with small local language models")]
+#[command(
+    name = "smolchat",
+    version,
+    about = "Chat with small local language models"
+)]
 struct Args {
     /// GGUF model file.
     #[arg(long, global = true, env = "SMOLCHAT_MODEL", default_value = smolchat::DEFAULT_MODEL)]
@@ -136,35 +140,93 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
     }
-    let command = args.command.unwrap_or(Command::Chat { max_tokens: 512, temperature: 0.7, system: None });
+    let command = args.command.unwrap_or(Command::Chat {
+        max_tokens: 512,
+        temperature: 0.7,
+        system: None,
+    });
     match command {
         Command::FetchModel => smolchat::fetch::fetch_default_model(&args.model),
-        Command::Chat { max_tokens, temperature, system } => {
+        Command::Chat {
+            max_tokens,
+            temperature,
+            system,
+        } => {
             fetch_if_default(&args.model)?;
             let engine = cli::load(&args.model)?;
-            let params = SamplingParams { temperature, top_p: 0.95, min_p: 0.05, seed: rand_seed(), ..Default::default() };
+            let params = SamplingParams {
+                temperature,
+                top_p: 0.95,
+                min_p: 0.05,
+                seed: rand_seed(),
+                ..Default::default()
+            };
             cli::generate::chat(&engine, params, max_tokens, system)
         }
         Command::Tokenize { no_special, text } => {
             cli::inspect::tokenize(&cli::load(&args.model)?, &text.join(" "), no_special)
         }
-        Command::Render { messages, no_generation_prompt, thinking } => cli::inspect::render(
+        Command::Render {
+            messages,
+            no_generation_prompt,
+            thinking,
+        } => cli::inspect::render(
             &cli::load(&args.model)?,
             &messages,
             !no_generation_prompt,
             thinking.map(|t| matches!(t, OnOff::On)),
         ),
-        Command::Logits { ids, top } => cli::inspect::logits(&cli::load(&args.model)?, &cli::parse_ids(&ids)?, top),
-        Command::Generate { prompt, chat, ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, json } => {
+        Command::Logits { ids, top } => {
+            cli::inspect::logits(&cli::load(&args.model)?, &cli::parse_ids(&ids)?, top)
+        }
+        Command::Generate {
+            prompt,
+            chat,
+            ids,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            json,
+        } => {
             let engine = cli::load(&args.model)?;
             let ids = ids.as_deref().map(cli::parse_ids).transpose()?;
-            let params = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed, ..Default::default() };
-            cli::generate::generate(&engine, GenerateArgs { prompt, chat, ids, max_tokens, params, json })
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+                seed,
+                ..Default::default()
+            };
+            cli::generate::generate(
+                &engine,
+                GenerateArgs {
+                    prompt,
+                    chat,
+                    ids,
+                    max_tokens,
+                    params,
+                    json,
+                },
+            )
         }
-        Command::Perplexity { file, ctx } => cli::inspect::perplexity(&cli::load(&args.model)?, &file, ctx),
-        Command::Bench { json, synthetic, quant } => {
+        Command::Perplexity { file, ctx } => {
+            cli::inspect::perplexity(&cli::load(&args.model)?, &file, ctx)
+        }
+        Command::Bench {
+            json,
+            synthetic,
+            quant,
+        } => {
             let owned;
             let model = match synthetic {
                 Some(kind) => {
@@ -217,8 +279,19 @@ fn parse_quant(q: &str) -> Result<GgmlType> {
 /// Real shapes of the models we serve, for benchmarks with random weights.
 fn synthetic_config(kind: SyntheticModel) -> ModelConfig {
     let (arch, n_layers, hidden, intermediate, n_heads, n_kv_heads, vocab, base) = match kind {
-        SyntheticModel::Smollm2_135m => (Architecture::Llama, 30, 576, 1536, 9, 3, 49152, 100_000.0),
-        SyntheticModel::Smollm3_3b => (Architecture::Smollm3, 36, 2048, 11008, 16, 4, 128_256, 5_000_000.0),
+        SyntheticModel::Smollm2_135m => {
+            (Architecture::Llama, 30, 576, 1536, 9, 3, 49152, 100_000.0)
+        }
+        SyntheticModel::Smollm3_3b => (
+            Architecture::Smollm3,
+            36,
+            2048,
+            11008,
+            16,
+            4,
+            128_256,
+            5_000_000.0,
+        ),
     };
     let head_dim = hidden / n_heads;
     ModelConfig {
@@ -235,6 +308,8 @@ fn synthetic_config(kind: SyntheticModel) -> ModelConfig {
         context_length: 8192,
         vocab_size: vocab,
         tied_embeddings: true,
-        use_rope: (0..n_layers).map(|i| arch == Architecture::Llama || (i + 1) % 4 != 0).collect(),
+        use_rope: (0..n_layers)
+            .map(|i| arch == Architecture::Llama || (i + 1) % 4 != 0)
+            .collect(),
     }
 }

@@ -18,7 +18,11 @@ fn smolchat(args: &[&str]) -> Output {
 }
 
 fn last_json(out: &Output) -> Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().expect("a line")).expect("JSON on the last line")
 }
@@ -26,10 +30,24 @@ fn last_json(out: &Output) -> Value {
 #[test]
 fn tokenize_with_and_without_special_tokens() {
     let with = last_json(&smolchat(&["tokenize", "--", "<|im_start|>user 2024"]));
-    let ids: Vec<u64> = with["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let ids: Vec<u64> = with["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
     assert_eq!(ids[0], 1, "<|im_start|> is one special token");
-    assert_eq!(ids.iter().filter(|&&i| (32..42).contains(&i)).count(), 4, "digits one by one: {ids:?}");
-    let plain = last_json(&smolchat(&["tokenize", "--no-special", "--", "<|im_start|>user 2024"]));
+    assert_eq!(
+        ids.iter().filter(|&&i| (32..42).contains(&i)).count(),
+        4,
+        "digits one by one: {ids:?}"
+    );
+    let plain = last_json(&smolchat(&[
+        "tokenize",
+        "--no-special",
+        "--",
+        "<|im_start|>user 2024",
+    ]));
     assert_ne!(plain["ids"][0], 1);
 }
 
@@ -41,7 +59,12 @@ fn render_logits_and_generate_agree() {
     let r = last_json(&smolchat(&["render", "--messages", file.to_str().unwrap()]));
     let text = r["text"].as_str().unwrap();
     assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
-    let ids: Vec<String> = r["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let ids: Vec<String> = r["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
     let ids = ids.join(",");
 
     let logits = last_json(&smolchat(&["logits", "--ids", &ids, "--top", "3"]));
@@ -49,9 +72,19 @@ fn render_logits_and_generate_agree() {
     assert_eq!(positions.len(), r["ids"].as_array().unwrap().len());
     let top = &positions.last().unwrap()["top"];
     assert_eq!(top.as_array().unwrap().len(), 3);
-    assert!(top[0][1].as_f64().unwrap() >= top[1][1].as_f64().unwrap(), "best first");
+    assert!(
+        top[0][1].as_f64().unwrap() >= top[1][1].as_f64().unwrap(),
+        "best first"
+    );
 
-    let g = last_json(&smolchat(&["generate", "--ids", &ids, "--max-tokens", "8", "--json"]));
+    let g = last_json(&smolchat(&[
+        "generate",
+        "--ids",
+        &ids,
+        "--max-tokens",
+        "8",
+        "--json",
+    ]));
     // Greedy: the first generated token is the top logit at the last prompt position.
     assert_eq!(g["ids"][0], top[0][0]);
     assert!(g["tokens_per_second"].as_f64().unwrap() > 0.0);
@@ -60,7 +93,18 @@ fn render_logits_and_generate_agree() {
 
 #[test]
 fn generate_is_reproducible_with_a_seed() {
-    let args = ["generate", "--prompt", "Once upon a time", "--max-tokens", "12", "--temperature", "1.0", "--seed", "7", "--json"];
+    let args = [
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+        "--json",
+    ];
     let a = last_json(&smolchat(&args));
     let b = last_json(&smolchat(&args));
     assert_eq!(a["ids"], b["ids"]);
@@ -73,7 +117,13 @@ fn perplexity_of_plain_english_is_sane() {
     let file = dir.join("text.txt");
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
     std::fs::write(&file, text).unwrap();
-    let p = last_json(&smolchat(&["perplexity", "--file", file.to_str().unwrap(), "--ctx", "128"]));
+    let p = last_json(&smolchat(&[
+        "perplexity",
+        "--file",
+        file.to_str().unwrap(),
+        "--ctx",
+        "128",
+    ]));
     let ppl = p["perplexity"].as_f64().unwrap();
     // A repeated sentence is easy to predict from its second half on.
     assert!(ppl > 1.0 && ppl < 3.0, "perplexity {ppl}");
@@ -90,7 +140,10 @@ fn missing_and_broken_models_get_clear_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("fetch-model") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("fetch-model") && !err.contains("panicked"),
+        "{err}"
+    );
 
     // A truncated copy of a real model.
     let real = std::fs::read(common::data("tiny-smollm3/tiny-smollm3-q8_0.gguf")).unwrap();
@@ -103,12 +156,19 @@ fn missing_and_broken_models_get_clear_errors() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "cut at {cut}: {err}");
-        assert!(err.contains("cannot be read") && !err.contains("panicked"), "cut at {cut}: {err}");
+        assert!(
+            err.contains("cannot be read") && !err.contains("panicked"),
+            "cut at {cut}: {err}"
+        );
     }
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("smolchat-cli-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let d = std::env::temp_dir().join(format!(
+        "smolchat-cli-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }

@@ -20,11 +20,17 @@ const SMOLLM2_TOL: f32 = 0.75;
 fn all_logits(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = model.new_cache();
     let flat = model
-        .forward(&mut [SeqInput { tokens, cache: &mut cache, logits: Logits::All }])
+        .forward(&mut [SeqInput {
+            tokens,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])
         .expect("forward")
         .pop()
         .expect("one sequence");
-    flat.chunks_exact(model.cfg.vocab_size).map(|r| r.to_vec()).collect()
+    flat.chunks_exact(model.cfg.vocab_size)
+        .map(|r| r.to_vec())
+        .collect()
 }
 
 fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
@@ -35,7 +41,11 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
         let t = smolchat::engine::sampler::argmax(&logits);
         out.push(t);
         logits = model
-            .forward(&mut [SeqInput { tokens: &[t], cache: &mut cache, logits: Logits::Last }])
+            .forward(&mut [SeqInput {
+                tokens: &[t],
+                cache: &mut cache,
+                logits: Logits::Last,
+            }])
             .expect("decode")
             .pop()
             .expect("row");
@@ -47,20 +57,42 @@ fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
 fn check_variant(model: &Model, variant: &str) -> f32 {
     let r = json("tiny-smollm3/reference.json");
     let mut worst = 0f32;
-    for (seq, v) in r["sequences"].as_array().unwrap().iter().zip(r["variants"][variant].as_array().unwrap()) {
+    for (seq, v) in r["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(r["variants"][variant].as_array().unwrap())
+    {
         let name = seq["name"].as_str().unwrap();
         let tokens = ids(&seq["ids"]);
         let ours = all_logits(model, &tokens);
-        for (p, (row, refp)) in ours.iter().zip(v["positions"].as_array().unwrap()).enumerate() {
+        for (p, (row, refp)) in ours
+            .iter()
+            .zip(v["positions"].as_array().unwrap())
+            .enumerate()
+        {
             let top_ids = ids(&refp["top_ids"]);
-            let top_logits: Vec<f64> = refp["top_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let top_logits: Vec<f64> = refp["top_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
             for (&id, &l) in top_ids.iter().zip(&top_logits) {
                 let d = (row[id as usize] - l as f32).abs();
                 worst = worst.max(d);
-                assert!(d < LOGIT_TOL, "{variant}/{name} position {p} token {id}: {} vs {l}", row[id as usize]);
+                assert!(
+                    d < LOGIT_TOL,
+                    "{variant}/{name} position {p} token {id}: {} vs {l}",
+                    row[id as usize]
+                );
             }
             if top_logits[0] - top_logits[1] >= GAP_MIN {
-                assert_eq!(smolchat::engine::sampler::argmax(row), top_ids[0], "{variant}/{name} position {p}: top-1");
+                assert_eq!(
+                    smolchat::engine::sampler::argmax(row),
+                    top_ids[0],
+                    "{variant}/{name} position {p}: top-1"
+                );
             }
         }
         // Greedy continuation: equal up to the first step whose reference gap is small.
@@ -70,7 +102,10 @@ fn check_variant(model: &Model, variant: &str) -> f32 {
             if step["gap"].as_f64().unwrap() < GAP_MIN {
                 break;
             }
-            assert_eq!(got[i], want[i], "{variant}/{name}: greedy step {i} (got {got:?}, want {want:?})");
+            assert_eq!(
+                got[i], want[i],
+                "{variant}/{name}: greedy step {i} (got {got:?}, want {want:?})"
+            );
         }
     }
     worst
@@ -85,10 +120,18 @@ fn precise_mode_matches_transformers_tightly() {
     model.precise = true;
     let r = json("tiny-smollm3/reference.json");
     let mut worst = 0f32;
-    for (seq, v) in r["sequences"].as_array().unwrap().iter().zip(r["variants"]["q8_0_nope"].as_array().unwrap()) {
+    for (seq, v) in r["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(r["variants"]["q8_0_nope"].as_array().unwrap())
+    {
         let ours = all_logits(&model, &ids(&seq["ids"]));
         for (row, refp) in ours.iter().zip(v["positions"].as_array().unwrap()) {
-            for (id, l) in ids(&refp["top_ids"]).iter().zip(refp["top_logits"].as_array().unwrap()) {
+            for (id, l) in ids(&refp["top_ids"])
+                .iter()
+                .zip(refp["top_logits"].as_array().unwrap())
+            {
                 worst = worst.max((row[*id as usize] - l.as_f64().unwrap() as f32).abs());
             }
         }
@@ -102,7 +145,9 @@ fn tiny_smollm3_matches_transformers_with_nope_layers() {
     let f = GgufFile::open(&data("tiny-smollm3/tiny-smollm3-q8_0.gguf")).unwrap();
     let model = Model::from_gguf(&f).unwrap();
     assert_eq!(model.cfg.arch, Architecture::Smollm3);
-    let no_rope: Vec<usize> = (0..model.cfg.n_layers).filter(|&i| !model.cfg.use_rope[i]).collect();
+    let no_rope: Vec<usize> = (0..model.cfg.n_layers)
+        .filter(|&i| !model.cfg.use_rope[i])
+        .collect();
     assert_eq!(no_rope, vec![3, 7]);
     assert!(model.cfg.tied_embeddings);
     let worst = check_variant(&model, "q8_0_nope");
@@ -126,11 +171,25 @@ fn smollm3_weights_read_as_llama_give_different_logits() {
     let r = json("tiny-smollm3/reference.json");
     let seq = &r["sequences"][2];
     let tokens = ids(&seq["ids"]);
-    let (a, b) = (all_logits(&as_llama, &tokens), all_logits(&as_smollm3, &tokens));
-    let max_diff = a.iter().zip(&b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0f32, f32::max);
-    assert!(max_diff > 3.0, "NoPE must change the logits (max difference {max_diff})");
+    let (a, b) = (
+        all_logits(&as_llama, &tokens),
+        all_logits(&as_smollm3, &tokens),
+    );
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max);
+    assert!(
+        max_diff > 3.0,
+        "NoPE must change the logits (max difference {max_diff})"
+    );
     // Position 0 cannot tell them apart: rotation by angle zero.
-    let d0 = a[0].iter().zip(&b[0]).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+    let d0 = a[0]
+        .iter()
+        .zip(&b[0])
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
     assert!(d0 < 1e-3, "position 0 differs by {d0}");
 }
 
@@ -139,7 +198,12 @@ fn packed_batch_gives_each_sequence_its_own_tokens() {
     let f = GgufFile::open(&data("tiny-smollm3/tiny-smollm3-q8_0.gguf")).unwrap();
     let model = Model::from_gguf(&f).unwrap();
     let r = json("tiny-smollm3/reference.json");
-    let prompts: Vec<Vec<u32>> = r["sequences"].as_array().unwrap().iter().map(|s| ids(&s["ids"])).collect();
+    let prompts: Vec<Vec<u32>> = r["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| ids(&s["ids"]))
+        .collect();
     let alone: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&model, p, 12)).collect();
 
     // All three in one packed batch: different lengths, different positions; the first step
@@ -151,7 +215,11 @@ fn packed_batch_gives_each_sequence_its_own_tokens() {
         let mut batch: Vec<SeqInput> = caches
             .iter_mut()
             .zip(&inputs)
-            .map(|(c, t)| SeqInput { tokens: t, cache: c, logits: Logits::Last })
+            .map(|(c, t)| SeqInput {
+                tokens: t,
+                cache: c,
+                logits: Logits::Last,
+            })
             .collect();
         let out = model.forward(&mut batch).unwrap();
         for (i, row) in out.iter().enumerate() {
@@ -170,10 +238,22 @@ fn smollm2_tokenizer_matches_llama_cpp_on_every_case() {
         let name = case["name"].as_str().unwrap();
         let text = case["text"].as_str().unwrap();
         let with = engine.tokenizer.encode(text, true).unwrap();
-        assert_eq!(with, ids(&case["parse_special"]["ids"]), "{name} (special tokens parsed)");
+        assert_eq!(
+            with,
+            ids(&case["parse_special"]["ids"]),
+            "{name} (special tokens parsed)"
+        );
         let without = engine.tokenizer.encode(text, false).unwrap();
-        assert_eq!(without, ids(&case["no_parse_special"]["ids"]), "{name} (special tokens as text)");
-        assert_eq!(engine.tokenizer.decode(&with), case["parse_special"]["decoded"].as_str().unwrap(), "{name} decoded");
+        assert_eq!(
+            without,
+            ids(&case["no_parse_special"]["ids"]),
+            "{name} (special tokens as text)"
+        );
+        assert_eq!(
+            engine.tokenizer.decode(&with),
+            case["parse_special"]["decoded"].as_str().unwrap(),
+            "{name} decoded"
+        );
     }
 }
 
@@ -199,7 +279,8 @@ fn smollm2_logits_and_greedy_tokens_match_transformers() {
 #[test]
 fn smollm2_precise_mode_matches_transformers_tightly() {
     // The fixtures' own rule: same greedy tokens except after a step whose gap is below 0.1.
-    let mut model = Model::from_gguf(&GgufFile::open(&common::default_model_path()).unwrap()).unwrap();
+    let mut model =
+        Model::from_gguf(&GgufFile::open(&common::default_model_path()).unwrap()).unwrap();
     model.precise = true;
     check_smollm2(&model, 0.05, 0.1);
 }
@@ -214,8 +295,15 @@ fn check_smollm2(model: &Model, tol: f32, gap_min: f64) {
         let mut cache = model.new_cache();
         let logits = model.prefill(&mut cache, &prompt, 512).unwrap();
         for pair in p["last_top10"].as_array().unwrap() {
-            let (id, l) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
-            assert!((logits[id] - l).abs() < tol, "{name}: token {id}: {} vs {l}", logits[id]);
+            let (id, l) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            );
+            assert!(
+                (logits[id] - l).abs() < tol,
+                "{name}: token {id}: {} vs {l}",
+                logits[id]
+            );
         }
         let want = ids(&p["greedy_ids"]);
         let got = greedy(model, &prompt, want.len());

@@ -7,7 +7,10 @@ use anyhow::{bail, Result};
 use serde_json::json;
 
 use crate::engine::reasoning::Channel;
-use crate::engine::{ChatMessage, Engine, FinishReason, Logits, SamplingParams, SeqInput, SequenceState, StopCondition};
+use crate::engine::{
+    ChatMessage, Engine, FinishReason, Logits, SamplingParams, SeqInput, SequenceState,
+    StopCondition,
+};
 
 /// Prompt chunk for prefill.
 const CHUNK: usize = 512;
@@ -34,9 +37,16 @@ pub fn run(
     }
     let ctx = engine.model.cfg.context_length;
     if prompt.len() + max_tokens > ctx {
-        bail!("the prompt ({} tokens) plus --max-tokens {max_tokens} exceed the context of {ctx}", prompt.len());
+        bail!(
+            "the prompt ({} tokens) plus --max-tokens {max_tokens} exceed the context of {ctx}",
+            prompt.len()
+        );
     }
-    let stop = StopCondition { max_tokens, stop_strings: vec![], end_tokens: engine.end_of_generation.clone() };
+    let stop = StopCondition {
+        max_tokens,
+        stop_strings: vec![],
+        end_tokens: engine.end_of_generation.clone(),
+    };
     let mut cache = engine.model.new_cache();
     let mut seq = SequenceState::new(&engine.tokenizer, prompt.clone(), params, stop, false);
     let mut logits = engine.model.prefill(&mut cache, &prompt, CHUNK)?;
@@ -57,7 +67,11 @@ pub fn run(
         }
         logits = engine
             .model
-            .forward(&mut [SeqInput { tokens: &[id], cache: &mut cache, logits: Logits::Last }])?
+            .forward(&mut [SeqInput {
+                tokens: &[id],
+                cache: &mut cache,
+                logits: Logits::Last,
+            }])?
             .pop()
             .unwrap_or_default();
     };
@@ -86,7 +100,11 @@ pub fn generate(engine: &Engine, a: GenerateArgs) -> Result<()> {
         (Some(_), Some(_)) => bail!("give --prompt or --ids, not both"),
         (None, None) => bail!("give --prompt TEXT or --ids 1,2,3"),
         (_, Some(ids)) => ids.clone(),
-        (Some(p), None) if a.chat => engine.render_chat(&[ChatMessage::new("user", p)], true, None)?.1,
+        (Some(p), None) if a.chat => {
+            engine
+                .render_chat(&[ChatMessage::new("user", p)], true, None)?
+                .1
+        }
         (Some(p), None) => engine.tokenizer.encode(p, false)?,
     };
     let json = a.json;
@@ -111,8 +129,16 @@ pub fn generate(engine: &Engine, a: GenerateArgs) -> Result<()> {
 }
 
 /// A chat in the terminal: each line you type is a user turn.
-pub fn chat(engine: &Engine, params: SamplingParams, max_tokens: usize, system: Option<String>) -> Result<()> {
-    let mut history: Vec<ChatMessage> = system.into_iter().map(|s| ChatMessage::new("system", &s)).collect();
+pub fn chat(
+    engine: &Engine,
+    params: SamplingParams,
+    max_tokens: usize,
+    system: Option<String>,
+) -> Result<()> {
+    let mut history: Vec<ChatMessage> = system
+        .into_iter()
+        .map(|s| ChatMessage::new("system", &s))
+        .collect();
     let stdin = std::io::stdin();
     eprintln!("smolchat — type a message and press Enter; an empty line or Ctrl-D ends the chat.");
     loop {
@@ -126,7 +152,9 @@ pub fn chat(engine: &Engine, params: SamplingParams, max_tokens: usize, system: 
         let (_, prompt) = engine.render_chat(&history, true, None)?;
         let ctx = engine.model.cfg.context_length;
         if prompt.len() + max_tokens > ctx {
-            eprintln!("[the conversation no longer fits the context of {ctx} tokens; start a new chat]");
+            eprintln!(
+                "[the conversation no longer fits the context of {ctx} tokens; start a new chat]"
+            );
             history.pop();
             continue;
         }
@@ -138,7 +166,12 @@ pub fn chat(engine: &Engine, params: SamplingParams, max_tokens: usize, system: 
             let _ = std::io::stdout().flush();
         })?;
         println!();
-        eprintln!("[{} tokens, {:.1} tokens/s, {:?}]", out.ids.len(), out.tokens_per_second, out.finish);
+        eprintln!(
+            "[{} tokens, {:.1} tokens/s, {:?}]",
+            out.ids.len(),
+            out.tokens_per_second,
+            out.finish
+        );
         history.push(ChatMessage::new("assistant", &out.answer));
     }
 }

@@ -13,10 +13,16 @@ pub fn tokenize(engine: &Engine, text: &str, no_special: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn render(engine: &Engine, messages: &Path, generation_prompt: bool, thinking: Option<bool>) -> Result<()> {
-    let raw = std::fs::read_to_string(messages).with_context(|| format!("reading {}", messages.display()))?;
-    let messages: Vec<ChatMessage> =
-        serde_json::from_str(&raw).context("the messages file must be a JSON list of {\"role\",\"content\"}")?;
+pub fn render(
+    engine: &Engine,
+    messages: &Path,
+    generation_prompt: bool,
+    thinking: Option<bool>,
+) -> Result<()> {
+    let raw = std::fs::read_to_string(messages)
+        .with_context(|| format!("reading {}", messages.display()))?;
+    let messages: Vec<ChatMessage> = serde_json::from_str(&raw)
+        .context("the messages file must be a JSON list of {\"role\",\"content\"}")?;
     let (text, ids) = engine.render_chat(&messages, generation_prompt, thinking)?;
     super::print_json(&json!({ "text": text, "ids": ids }));
     Ok(())
@@ -29,7 +35,11 @@ pub fn logits(engine: &Engine, ids: &[u32], top: usize) -> Result<()> {
     let mut cache = engine.model.new_cache();
     let rows = engine
         .model
-        .forward(&mut [SeqInput { tokens: ids, cache: &mut cache, logits: Logits::All }])?
+        .forward(&mut [SeqInput {
+            tokens: ids,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])?
         .pop()
         .unwrap_or_default();
     let vocab = engine.model.cfg.vocab_size;
@@ -52,11 +62,15 @@ pub fn logits(engine: &Engine, ids: &[u32], top: usize) -> Result<()> {
 /// Perplexity as llama.cpp's `llama-perplexity` computes it: non-overlapping windows of `ctx`
 /// tokens, each scored on its second half.
 pub fn perplexity(engine: &Engine, file: &Path, ctx: usize) -> Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let tokens = engine.tokenizer.encode(&text, false)?;
     let ctx = ctx.min(engine.model.cfg.context_length);
     if ctx < 4 || tokens.len() < ctx {
-        bail!("the text has {} tokens; at least one window of --ctx {ctx} (≥ 4) is needed", tokens.len());
+        bail!(
+            "the text has {} tokens; at least one window of --ctx {ctx} (≥ 4) is needed",
+            tokens.len()
+        );
     }
     let vocab = engine.model.cfg.vocab_size;
     let (mut nll, mut count) = (0f64, 0usize);
@@ -67,17 +81,31 @@ pub fn perplexity(engine: &Engine, file: &Path, ctx: usize) -> Result<()> {
         let mut cache = engine.model.new_cache();
         let rows = engine
             .model
-            .forward(&mut [SeqInput { tokens: win, cache: &mut cache, logits: Logits::All }])?
+            .forward(&mut [SeqInput {
+                tokens: win,
+                cache: &mut cache,
+                logits: Logits::All,
+            }])?
             .pop()
             .unwrap_or_default();
         for j in ctx / 2..ctx - 1 {
             let row = &rows[j * vocab..(j + 1) * vocab];
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let lse = max as f64 + row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
+            let lse = max as f64
+                + row
+                    .iter()
+                    .map(|&v| ((v - max) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
             nll += lse - row[win[j + 1] as usize] as f64;
             count += 1;
         }
-        tracing::info!(window = w + 1, of = windows, ppl = (nll / count as f64).exp(), "perplexity");
+        tracing::info!(
+            window = w + 1,
+            of = windows,
+            ppl = (nll / count as f64).exp(),
+            "perplexity"
+        );
     }
     let ppl = (nll / count as f64).exp();
     super::print_json(&json!({

@@ -15,7 +15,10 @@ pub fn load(path: &Path) -> Result<Engine> {
     let started = std::time::Instant::now();
     let engine = Engine::load(path)?;
     prefault(&engine);
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "model ready");
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "model ready"
+    );
     Ok(engine)
 }
 
@@ -48,7 +51,11 @@ pub fn print_json(value: &serde_json::Value) {
 pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
-        .map(|p| p.trim().parse::<u32>().map_err(|e| anyhow::anyhow!("bad token id `{p}`: {e}")))
+        .map(|p| {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|e| anyhow::anyhow!("bad token id `{p}`: {e}"))
+        })
         .collect()
 }
 

@@ -92,7 +92,13 @@ impl SequenceState {
         let text = self.decoder.push(tok, id);
         self.held.push_str(&text);
         // A stop string ends the answer; the text before it is kept, the stop string is not.
-        if let Some(at) = self.stop.stop_strings.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stop
+            .stop_strings
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let before = self.held[..at].to_owned();
             self.held.clear();
             out.pieces = self.split(id, &before);
@@ -100,7 +106,13 @@ impl SequenceState {
             out.finished = Some(FinishReason::Stop);
             return out;
         }
-        let keep = self.stop.stop_strings.iter().map(|s| partial_suffix(&self.held, s)).max().unwrap_or(0);
+        let keep = self
+            .stop
+            .stop_strings
+            .iter()
+            .map(|s| partial_suffix(&self.held, s))
+            .max()
+            .unwrap_or(0);
         let emit: String = self.held[..self.held.len() - keep].to_owned();
         self.held.drain(..self.held.len() - keep);
         out.pieces = self.split(id, &emit);
@@ -124,7 +136,12 @@ impl SequenceState {
 fn partial_suffix(text: &str, stop: &str) -> usize {
     (1..stop.len().min(text.len() + 1))
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.as_bytes().starts_with(&text.as_bytes()[text.len() - n..]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop
+                    .as_bytes()
+                    .starts_with(&text.as_bytes()[text.len() - n..])
+        })
         .unwrap_or(0)
 }
 

@@ -292,7 +292,7 @@ fn min_value_size(ty: u32) -> Result<u64, GgufError> {
     Ok(match ty {
         0 | 1 | 7 => 1,
         2 | 3 => 2,
-        4 | 5 | 6 => 4,
+        4..=6 => 4,
         8 | 10 | 11 | 12 => 8,
         9 => 12,
         other => return Err(GgufError::ValueType(other)),
@@ -381,7 +381,10 @@ fn parse(buf: &[u8]) -> Result<Parsed, GgufError> {
             .checked_add(offset)
             .filter(|s| s % alignment as u64 == 0)
             .ok_or_else(|| bad(format!("misaligned offset {offset}")))?;
-        if start.checked_add(len).is_none_or(|end| end > buf.len() as u64) {
+        if start
+            .checked_add(len)
+            .is_none_or(|end| end > buf.len() as u64)
+        {
             return Err(bad(format!(
                 "data at {start}..{} lies beyond the end of the file ({} bytes)",
                 start.saturating_add(len),

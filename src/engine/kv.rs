@@ -151,7 +151,9 @@ impl KvCache {
     pub fn fill_synthetic(&mut self, n: usize) {
         let start = self.grow(n);
         let width = self.shape.n_kv_heads * self.shape.head_dim;
-        let row: Vec<f32> = (0..width).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+        let row: Vec<f32> = (0..width)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+            .collect();
         for layer in 0..self.shape.n_layers {
             for pos in start..start + n {
                 self.write(layer, pos, &row, &row);

@@ -76,7 +76,10 @@ pub struct QuantizedRows<'a> {
 
 impl<'a> QuantizedRows<'a> {
     pub fn new(x: &'a [f32], k: usize, precise: bool) -> Self {
-        assert!(k % 32 == 0 && x.len() % k == 0, "row length {k} must be a multiple of 32");
+        assert!(
+            k % 32 == 0 && x.len() % k == 0,
+            "row length {k} must be a multiple of 32"
+        );
         let m = x.len() / k;
         let mut blocks = vec![BlockQ8::default(); if precise { 0 } else { m * k / 32 }];
         if precise {
@@ -122,7 +125,11 @@ pub fn matmul_many(x: &QuantizedRows, ws: &[&QMatrix], outs: &mut [&mut [f32]]) 
     assert_eq!(ws.len(), outs.len());
     let mut tasks = Vec::new();
     for (j, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
-        assert_eq!(w.cols, x.k, "matmul: weight has {} columns, x has {}", w.cols, x.k);
+        assert_eq!(
+            w.cols, x.k,
+            "matmul: weight has {} columns, x has {}",
+            w.cols, x.k
+        );
         assert_eq!(out.len(), x.m * w.rows);
         let ptr = OutPtr(out.as_mut_ptr());
         for r0 in (0..w.rows).step_by(CHUNK_ROWS) {
@@ -177,12 +184,19 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
     }
 }
 
-fn dot_float_rows(ty: GgmlType, wrow: &[u8], x: &QuantizedRows, i: usize, g: usize, acc: &mut [f32; 4]) {
+fn dot_float_rows(
+    ty: GgmlType,
+    wrow: &[u8],
+    x: &QuantizedRows,
+    i: usize,
+    g: usize,
+    acc: &mut [f32; 4],
+) {
     let mut w = vec![0f32; x.k];
     dequantize_row(ty, wrow, &mut w);
-    for a in 0..g {
+    for (a, out) in acc.iter_mut().enumerate().take(g) {
         let xr = &x.f32_rows[(i + a) * x.k..(i + a + 1) * x.k];
-        acc[a] = super::simd::dot(&w, xr);
+        *out = super::simd::dot(&w, xr);
     }
 }
 
@@ -247,7 +261,11 @@ pub fn dot_rows_portable(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &m
 fn accumulate(q: &[i8; 32], d: f32, m: f32, rows: &[&[BlockQ8]], ab: usize, acc: &mut [f32; 4]) {
     for (r, row) in rows.iter().enumerate() {
         let a = &row[ab];
-        let s: i32 = q.iter().zip(&a.qs).map(|(&w, &x)| w as i32 * x as i32).sum();
+        let s: i32 = q
+            .iter()
+            .zip(&a.qs)
+            .map(|(&w, &x)| w as i32 * x as i32)
+            .sum();
         acc[r] += d * a.d * s as f32 + m * a.s;
     }
 }
@@ -296,7 +314,12 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn dot_q4<const R: usize>(q4_0: bool, w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+    unsafe fn dot_q4<const R: usize>(
+        q4_0: bool,
+        w: &[u8],
+        rows: &[&[BlockQ8]],
+        acc: &mut [f32; 4],
+    ) {
         let (bb, qoff) = if q4_0 { (18, 2) } else { (20, 4) };
         let nb = w.len() / bb;
         let mask = _mm256_set1_epi8(0xF);
@@ -364,7 +387,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (s >> 33) as u8
             })
             .collect()
@@ -373,18 +398,7 @@ mod tests {
     /// A random weight row whose f16 scales are small normal numbers.
     fn random_row(ty: GgmlType, k: usize, seed: u64) -> Vec<u8> {
         let mut b = random_bytes(ty.row_bytes(k), seed);
-        let (_, bb) = ty.block();
-        let scale_at: &[usize] = match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
-            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
-            GgmlType::Q6K => &[208],
-            _ => &[],
-        };
-        for blk in b.chunks_exact_mut(bb) {
-            for &o in scale_at {
-                blk[o..o + 2].copy_from_slice(&half::f16::from_f32(0.01 + (blk[o] as f32) / 5000.0).to_le_bytes());
-            }
-        }
+        crate::engine::quant::sanitize_random_scales(ty, &mut b);
         b
     }
 
@@ -412,10 +426,23 @@ mod tests {
             let mut portable = [0f32; 4];
             dot_rows_portable(ty, &row, &rows, &mut portable);
             for i in 0..3 {
-                let exact: f32 = w.iter().zip(&x[i * k..(i + 1) * k]).map(|(a, b)| a * b).sum();
+                let exact: f32 = w
+                    .iter()
+                    .zip(&x[i * k..(i + 1) * k])
+                    .map(|(a, b)| a * b)
+                    .sum();
                 let norm: f32 = w.iter().map(|v| v.abs()).sum::<f32>() * 0.01 + 1e-3;
-                assert!((fast[i] - exact).abs() < norm, "{ty:?} row {i}: {} vs {exact}", fast[i]);
-                assert!((fast[i] - portable[i]).abs() < 1e-3 * (1.0 + exact.abs()), "{ty:?}: avx2 {} vs portable {}", fast[i], portable[i]);
+                assert!(
+                    (fast[i] - exact).abs() < norm,
+                    "{ty:?} row {i}: {} vs {exact}",
+                    fast[i]
+                );
+                assert!(
+                    (fast[i] - portable[i]).abs() < 1e-3 * (1.0 + exact.abs()),
+                    "{ty:?}: avx2 {} vs portable {}",
+                    fast[i],
+                    portable[i]
+                );
             }
         }
     }
@@ -430,7 +457,11 @@ mod tests {
         matmul(&QuantizedRows::new(&x, k, false), &w, &mut all);
         for i in 0..m {
             let mut one = vec![0f32; n];
-            matmul(&QuantizedRows::new(&x[i * k..(i + 1) * k], k, false), &w, &mut one);
+            matmul(
+                &QuantizedRows::new(&x[i * k..(i + 1) * k], k, false),
+                &w,
+                &mut one,
+            );
             assert_eq!(&all[i * n..(i + 1) * n], &one[..]);
         }
     }

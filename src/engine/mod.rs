@@ -77,17 +77,25 @@ impl Engine {
         let beside = path.with_file_name("tokenizer.json");
         let mut tokenizer = Tokenizer::from_gguf(&file);
         if beside.exists() {
-            let eos = file.get_u64("tokenizer.ggml.eos_token_id").ok().map(|v| v as u32);
-            let bos = file.get_u64("tokenizer.ggml.bos_token_id").ok().map(|v| v as u32);
+            let eos = file
+                .get_u64("tokenizer.ggml.eos_token_id")
+                .ok()
+                .map(|v| v as u32);
+            let bos = file
+                .get_u64("tokenizer.ggml.bos_token_id")
+                .ok()
+                .map(|v| v as u32);
             tokenizer = Tokenizer::from_file(&beside, eos, bos);
         }
         let tokenizer = tokenizer?;
         if tokenizer.vocab_size() < model.cfg.vocab_size {
-            return Err(EngineError::Tokenizer(tokenizer::TokenizerError::Build(format!(
-                "the vocabulary has {} tokens, the model {}",
-                tokenizer.vocab_size(),
-                model.cfg.vocab_size
-            ))));
+            return Err(EngineError::Tokenizer(tokenizer::TokenizerError::Build(
+                format!(
+                    "the vocabulary has {} tokens, the model {}",
+                    tokenizer.vocab_size(),
+                    model.cfg.vocab_size
+                ),
+            )));
         }
         let text_of = |id: Option<u32>| id.map(|i| tokenizer.decode(&[i])).unwrap_or_default();
         let template = match file.get_str("tokenizer.chat_template") {
@@ -99,7 +107,12 @@ impl Engine {
             Err(_) => None,
         };
         let mut end_of_generation: Vec<u32> = tokenizer.eos_id.into_iter().collect();
-        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"] {
+        for name in [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+        ] {
             if let Some(id) = tokenizer.token_id(name) {
                 if tokenizer.is_special(id) && !end_of_generation.contains(&id) {
                     end_of_generation.push(id);
@@ -130,7 +143,10 @@ impl Engine {
         add_generation_prompt: bool,
         enable_thinking: Option<bool>,
     ) -> Result<(String, Vec<u32>), EngineError> {
-        let t = self.template.as_ref().ok_or(template::TemplateError::Missing)?;
+        let t = self
+            .template
+            .as_ref()
+            .ok_or(template::TemplateError::Missing)?;
         let text = t.render(messages, add_generation_prompt, enable_thinking)?;
         let ids = self.tokenizer.encode(&text, true)?;
         Ok((text, ids))

@@ -60,7 +60,10 @@ impl Model {
 
     /// Loads the model; `arch` overrides the file's architecture (tests use it to show that a
     /// smollm3 file read as llama gives different logits).
-    pub fn from_gguf_with_arch(f: &GgufFile, arch: Option<Architecture>) -> Result<Self, EngineError> {
+    pub fn from_gguf_with_arch(
+        f: &GgufFile,
+        arch: Option<Architecture>,
+    ) -> Result<Self, EngineError> {
         let mut cfg = ModelConfig::from_gguf(f)?;
         if let Some(a) = arch {
             cfg.arch = a;
@@ -136,7 +139,7 @@ impl Model {
         };
         let mut matrix = |rows: usize, cols: usize| -> QMatrix {
             let mut b = rand_bytes(ty.row_bytes(cols) * rows);
-            sanitize_scales(ty, &mut b);
+            super::quant::sanitize_random_scales(ty, &mut b);
             let shared: SharedBytes = std::sync::Arc::new(b);
             QMatrix::new(ty, rows, cols, shared, 0)
         };
@@ -229,12 +232,19 @@ impl Model {
         );
         let mut attn = vec![0f32; t * nh * hd];
         let mut o = vec![0f32; t * h];
-        let (mut gate, mut up) = (vec![0f32; t * cfg.intermediate], vec![0f32; t * cfg.intermediate]);
+        let (mut gate, mut up) = (
+            vec![0f32; t * cfg.intermediate],
+            vec![0f32; t * cfg.intermediate],
+        );
 
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, cfg.rms_eps, &mut xn, h);
             let xq = QuantizedRows::new(&xn, h, self.precise);
-            matmul_many(&xq, &[&layer.wq, &layer.wk, &layer.wv], &mut [&mut q, &mut k, &mut v]);
+            matmul_many(
+                &xq,
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &mut [&mut q, &mut k, &mut v],
+            );
             if cfg.use_rope[li] {
                 self.apply_rope(&mut q, nh, &cos, &sin);
                 self.apply_rope(&mut k, nkv, &cos, &sin);
@@ -247,16 +257,28 @@ impl Model {
             }
             let caches: Vec<&KvCache> = batch.iter().map(|s| &*s.cache).collect();
             attention(cfg, li, &caches, &spans, &q, &mut attn);
-            matmul(&QuantizedRows::new(&attn, nh * hd, self.precise), &layer.wo, &mut o);
+            matmul(
+                &QuantizedRows::new(&attn, nh * hd, self.precise),
+                &layer.wo,
+                &mut o,
+            );
             add_into(&mut x, &o);
 
             rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_eps, &mut xn, h);
             let xq = QuantizedRows::new(&xn, h, self.precise);
-            matmul_many(&xq, &[&layer.w_gate, &layer.w_up], &mut [&mut gate, &mut up]);
+            matmul_many(
+                &xq,
+                &[&layer.w_gate, &layer.w_up],
+                &mut [&mut gate, &mut up],
+            );
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            matmul(&QuantizedRows::new(&gate, cfg.intermediate, self.precise), &layer.w_down, &mut o);
+            matmul(
+                &QuantizedRows::new(&gate, cfg.intermediate, self.precise),
+                &layer.w_down,
+                &mut o,
+            );
             add_into(&mut x, &o);
         }
 
@@ -276,7 +298,11 @@ impl Model {
         let vocab = cfg.vocab_size;
         let mut logits = vec![0f32; wanted.len() * vocab];
         if !wanted.is_empty() {
-            matmul(&QuantizedRows::new(&sel, h, self.precise), &self.output, &mut logits);
+            matmul(
+                &QuantizedRows::new(&sel, h, self.precise),
+                &self.output,
+                &mut logits,
+            );
         }
         let mut out = Vec::with_capacity(batch.len());
         let mut at = 0;
@@ -311,7 +337,10 @@ impl Model {
         let hd = self.cfg.head_dim;
         let half = self.inv_freq.len();
         for (r, row) in x.chunks_exact_mut(heads * hd).enumerate() {
-            let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+            let (c, s) = (
+                &cos[r * half..(r + 1) * half],
+                &sin[r * half..(r + 1) * half],
+            );
             for head in row.chunks_exact_mut(hd) {
                 for i in 0..half {
                     let (a, b) = (head[2 * i], head[2 * i + 1]);
@@ -409,7 +438,10 @@ fn check_shape(t: &TensorInfo, dims: &[usize]) -> Result<(), EngineError> {
         got.pop();
     }
     if got != dims {
-        return Err(bad_tensor(t, &format!("shape {:?}, expected {dims:?}", t.dims)));
+        return Err(bad_tensor(
+            t,
+            &format!("shape {:?}, expected {dims:?}", t.dims),
+        ));
     }
     Ok(())
 }
@@ -421,37 +453,22 @@ fn bad_tensor(t: &TensorInfo, why: &str) -> EngineError {
     })
 }
 
-/// Random bytes make NaN or huge f16 scales; replace them with small ones.
-fn sanitize_scales(ty: GgmlType, b: &mut [u8]) {
-    let (_, bb) = ty.block();
-    let at: &[usize] = match ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
-        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
-        GgmlType::Q6K => &[208],
-        GgmlType::F16 => {
-            for c in b.chunks_exact_mut(2) {
-                c.copy_from_slice(&half::f16::from_f32((c[0] as f32 - 128.0) / 4096.0).to_le_bytes());
-            }
-            return;
-        }
-        _ => &[],
-    };
-    for blk in b.chunks_exact_mut(bb) {
-        for &o in at {
-            let v = 0.001 + blk[o] as f32 / 40_000.0;
-            blk[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
-        }
-    }
-}
-
-
 impl Model {
     /// Runs one sequence's tokens through the model in chunks of at most `chunk` and returns
     /// the last row's logits.
-    pub fn prefill(&self, cache: &mut KvCache, tokens: &[u32], chunk: usize) -> Result<Vec<f32>, EngineError> {
+    pub fn prefill(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<f32>, EngineError> {
         let mut last = Vec::new();
         for part in tokens.chunks(chunk.max(1)) {
-            let mut input = [SeqInput { tokens: part, cache: &mut *cache, logits: Logits::Last }];
+            let mut input = [SeqInput {
+                tokens: part,
+                cache: &mut *cache,
+                logits: Logits::Last,
+            }];
             last = self.forward(&mut input)?.pop().unwrap_or_default();
         }
         Ok(last)

@@ -191,7 +191,11 @@ pub fn unpack_32(ty: GgmlType, b: &[u8], q: &mut [i8; 32]) -> (f32, f32) {
     let d = f16_at(b, 0);
     match ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let qs = if ty == GgmlType::Q4_0 { &b[2..18] } else { &b[4..20] };
+            let qs = if ty == GgmlType::Q4_0 {
+                &b[2..18]
+            } else {
+                &b[4..20]
+            };
             for j in 0..16 {
                 q[j] = (qs[j] & 0xF) as i8;
                 q[j + 16] = (qs[j] >> 4) as i8;
@@ -274,6 +278,29 @@ pub fn unpack_q6k_16(b: &[u8], g: usize, q: &mut [i8; 16]) -> i8 {
     }
     let is = 8 * h + l0 / 16 + 2 * k;
     sc[is] as i8
+}
+
+/// Random bytes make NaN or huge f16 scales; replace them with small ones.
+pub fn sanitize_random_scales(ty: GgmlType, b: &mut [u8]) {
+    let (_, bb) = ty.block();
+    let at: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        GgmlType::F16 => {
+            for c in b.chunks_exact_mut(2) {
+                c.copy_from_slice(&f16::from_f32((c[0] as f32 - 128.0) / 4096.0).to_le_bytes());
+            }
+            return;
+        }
+        _ => &[],
+    };
+    for blk in b.chunks_exact_mut(bb) {
+        for &o in at {
+            let v = 0.001 + blk[o] as f32 / 40_000.0;
+            blk[o..o + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -53,7 +53,11 @@ impl ReasoningSplitter {
                 out.retain(|(_, s)| !s.is_empty());
                 return out;
             }
-            return if text.is_empty() { vec![] } else { vec![(self.channel(), text.to_owned())] };
+            return if text.is_empty() {
+                vec![]
+            } else {
+                vec![(self.channel(), text.to_owned())]
+            };
         }
         self.held.push_str(text);
         let mut out = Vec::new();
@@ -71,7 +75,11 @@ impl ReasoningSplitter {
             // Keep back the longest suffix that could start the tag.
             let keep = (1..tag.len())
                 .rev()
-                .find(|&n| self.held.len() >= n && self.held.is_char_boundary(self.held.len() - n) && tag.starts_with(&self.held[self.held.len() - n..]))
+                .find(|&n| {
+                    self.held.len() >= n
+                        && self.held.is_char_boundary(self.held.len() - n)
+                        && tag.starts_with(&self.held[self.held.len() - n..])
+                })
                 .unwrap_or(0);
             let emit = self.held.len() - keep;
             if emit > 0 {

@@ -102,7 +102,11 @@ impl Sampler {
             seen.dedup();
             for &t in &seen {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                     *l -= p.presence_penalty;
                 }
             }
@@ -113,7 +117,12 @@ impl Sampler {
         let (temperature, top_k, top_p, min_p) = (p.temperature, p.top_k, p.top_p, p.min_p);
         let c = &mut self.scratch;
         c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l / temperature)));
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l / temperature)),
+        );
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if top_k > 0 && top_k < c.len() {
             c.select_nth_unstable_by(top_k - 1, by_logit);
@@ -178,25 +187,48 @@ mod tests {
         let logits = vec![0.1, 2.0, 1.9, -1.0];
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&mut logits.clone(), &[]), 1);
-        let params = SamplingParams { temperature: 1.0, seed: 42, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..Default::default()
+        };
         let run = |p: &SamplingParams| -> Vec<u32> {
             let mut s = Sampler::new(p.clone());
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect()
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect()
         };
         assert_eq!(run(&params), run(&params));
-        assert!(run(&params).contains(&2), "temperature 1 must sometimes pick the second best");
-        let topk1 = SamplingParams { top_k: 1, ..params.clone() };
+        assert!(
+            run(&params).contains(&2),
+            "temperature 1 must sometimes pick the second best"
+        );
+        let topk1 = SamplingParams {
+            top_k: 1,
+            ..params.clone()
+        };
         assert!(run(&topk1).iter().all(|&t| t == 1));
-        let minp = SamplingParams { min_p: 0.5, ..params.clone() };
+        let minp = SamplingParams {
+            min_p: 0.5,
+            ..params.clone()
+        };
         assert!(run(&minp).iter().all(|&t| t == 1 || t == 2));
     }
 
     #[test]
     fn repetition_penalty_moves_the_choice() {
         let logits = vec![0.1, 2.0, 1.9];
-        let p = SamplingParams { repetition_penalty: 1.5, ..Default::default() };
+        let p = SamplingParams {
+            repetition_penalty: 1.5,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         assert_eq!(s.sample(&mut logits.clone(), &[1]), 2);
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

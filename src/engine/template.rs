@@ -105,7 +105,9 @@ mod tests {
             "",
         )
         .unwrap();
-        let out = t.render(&[ChatMessage::new("user", "  hi ")], true, None).unwrap();
+        let out = t
+            .render(&[ChatMessage::new("user", "  hi ")], true, None)
+            .unwrap();
         assert_eq!(out, "HI|GO");
         let bad = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "").unwrap();
         let err = bad.render(&[], false, None).unwrap_err().to_string();

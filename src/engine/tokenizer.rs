@@ -97,14 +97,35 @@ impl Tokenizer {
         let token_bytes = tokens
             .iter()
             .zip(&special)
-            .map(|(t, &s)| if s { t.as_bytes().to_vec() } else { byte_level_decode(t) })
+            .map(|(t, &s)| {
+                if s {
+                    t.as_bytes().to_vec()
+                } else {
+                    byte_level_decode(t)
+                }
+            })
             .collect();
-        let id = |k: &str| f.get_u64(k).ok().map(|v| v as u32).filter(|&v| (v as usize) < tokens.len());
-        Self::finish(tk, token_bytes, special, id("tokenizer.ggml.eos_token_id"), id("tokenizer.ggml.bos_token_id"))
+        let id = |k: &str| {
+            f.get_u64(k)
+                .ok()
+                .map(|v| v as u32)
+                .filter(|&v| (v as usize) < tokens.len())
+        };
+        Self::finish(
+            tk,
+            token_bytes,
+            special,
+            id("tokenizer.ggml.eos_token_id"),
+            id("tokenizer.ggml.bos_token_id"),
+        )
     }
 
     /// Loads a Hugging Face `tokenizer.json` (used when one lies beside the model).
-    pub fn from_file(path: &Path, eos_id: Option<u32>, bos_id: Option<u32>) -> Result<Self, TokenizerError> {
+    pub fn from_file(
+        path: &Path,
+        eos_id: Option<u32>,
+        bos_id: Option<u32>,
+    ) -> Result<Self, TokenizerError> {
         let tk = HfTokenizer::from_file(path).map_err(|e| TokenizerError::Build(e.to_string()))?;
         let n = tk.get_vocab_size(true);
         let mut special = vec![false; n];
@@ -116,7 +137,11 @@ impl Tokenizer {
         let token_bytes = (0..n as u32)
             .map(|i| {
                 let t = tk.id_to_token(i).unwrap_or_default();
-                if special[i as usize] { t.into_bytes() } else { byte_level_decode(&t) }
+                if special[i as usize] {
+                    t.into_bytes()
+                } else {
+                    byte_level_decode(&t)
+                }
             })
             .collect();
         Self::finish(tk, token_bytes, special, eos_id, bos_id)
@@ -147,7 +172,11 @@ impl Tokenizer {
 
     /// Token ids of `text`; with `parse_special`, special-token strings become their ids.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let tk = if parse_special { &self.with_special } else { &self.plain };
+        let tk = if parse_special {
+            &self.with_special
+        } else {
+            &self.plain
+        };
         tk.encode(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| TokenizerError::Build(e.to_string()))
@@ -155,7 +184,10 @@ impl Tokenizer {
 
     /// The bytes a token stands for (empty for an unknown id).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.token_bytes.get(id as usize).map(Vec::as_slice).unwrap_or(&[])
+        self.token_bytes
+            .get(id as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     pub fn is_special(&self, id: u32) -> bool {
@@ -168,7 +200,10 @@ impl Tokenizer {
 
     /// Text of `ids` (invalid UTF-8 replaced).
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i).iter().copied()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i).iter().copied())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
@@ -183,9 +218,13 @@ fn value_i64(v: &Value) -> i64 {
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
     let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-        Split::new(SplitPattern::Regex(re.to_owned()), SplitDelimiterBehavior::Isolated, false)
-            .map(Into::into)
-            .map_err(|e| TokenizerError::Build(e.to_string()))
+        Split::new(
+            SplitPattern::Regex(re.to_owned()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map(Into::into)
+        .map_err(|e| TokenizerError::Build(e.to_string()))
     };
     let byte_level = |use_regex| PreTokenizerWrapper::from(ByteLevel::new(false, true, use_regex));
     Ok(match pre {

@@ -7,11 +7,14 @@ use std::sync::OnceLock;
 use smolchat::engine::Engine;
 
 pub fn data(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
 }
 
 pub fn json(rel: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(data(rel)).expect("fixture")).expect("fixture json")
+    serde_json::from_str(&std::fs::read_to_string(data(rel)).expect("fixture"))
+        .expect("fixture json")
 }
 
 pub fn jsonl(rel: &str) -> Vec<serde_json::Value> {
@@ -43,5 +46,9 @@ pub fn default_engine() -> &'static Engine {
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
