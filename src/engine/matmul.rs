@@ -116,8 +116,10 @@ unsafe impl Sync for OutPtr {}
 /// Weight rows a parallel task takes; small enough to balance two cores, large enough to
 /// amortize the task.
 const CHUNK_ROWS: usize = 32;
-/// Activation rows walked per tile: 64 rows of 576 quantized values is ~45 KB.
-const TILE_ROWS: usize = 64;
+/// Activation rows walked per tile: 32 rows of 576 quantized values is ~18 KB, in L1.
+const TILE_ROWS: usize = 32;
+/// Activation rows a kernel call multiplies with one unpacked weight block.
+pub const ROWS: usize = 8;
 
 /// Computes several products over the same activations in one parallel pass (Q, K and V; or
 /// gate and up): `outs[j][m × wj.rows] = x · wjᵀ`.
@@ -162,15 +164,15 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
             let wrow = w.row(r);
             let mut i = t0;
             while i < t1 {
-                let g = (t1 - i).min(4);
-                let mut acc = [0f32; 4];
+                let g = (t1 - i).min(ROWS);
+                let mut acc = [0f32; ROWS];
                 match w.ty {
                     _ if precise => dot_float_rows(w.ty, wrow, x, i, g, &mut acc),
                     GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                         dot_float_rows(w.ty, wrow, x, i, g, &mut acc)
                     }
                     _ => {
-                        let rows: [&[BlockQ8]; 4] =
+                        let rows: [&[BlockQ8]; ROWS] =
                             std::array::from_fn(|a| x.row(i + a.min(g - 1)));
                         dot_rows(w.ty, wrow, &rows[..g], &mut acc);
                     }
@@ -190,7 +192,7 @@ fn dot_float_rows(
     x: &QuantizedRows,
     i: usize,
     g: usize,
-    acc: &mut [f32; 4],
+    acc: &mut [f32; ROWS],
 ) {
     let mut w = vec![0f32; x.k];
     dequantize_row(ty, wrow, &mut w);
@@ -200,8 +202,8 @@ fn dot_float_rows(
     }
 }
 
-/// Dot products of one quantized weight row with up to four activation rows.
-pub fn dot_rows(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+/// Dot products of one quantized weight row with up to [`ROWS`] activation rows.
+pub fn dot_rows(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; ROWS]) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx2() {
         match ty {
@@ -219,7 +221,7 @@ pub fn dot_rows(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 
 }
 
 /// The portable kernel: unpack each weight block once, then integer dot products per row.
-pub fn dot_rows_portable(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+pub fn dot_rows_portable(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; ROWS]) {
     let (bs, bb) = ty.block();
     let mut q = [0i8; 32];
     for (b, blk) in wrow.chunks_exact(bb).enumerate() {
@@ -258,7 +260,7 @@ pub fn dot_rows_portable(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &m
 }
 
 #[inline]
-fn accumulate(q: &[i8; 32], d: f32, m: f32, rows: &[&[BlockQ8]], ab: usize, acc: &mut [f32; 4]) {
+fn accumulate(q: &[i8; 32], d: f32, m: f32, rows: &[&[BlockQ8]], ab: usize, acc: &mut [f32; ROWS]) {
     for (r, row) in rows.iter().enumerate() {
         let a = &row[ab];
         let s: i32 = q
@@ -274,7 +276,7 @@ fn accumulate(q: &[i8; 32], d: f32, m: f32, rows: &[&[BlockQ8]], ab: usize, acc:
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8, GgmlType};
+    use super::{BlockQ8, GgmlType, ROWS};
 
     /// The f16 at `p`, converted by the F16C instruction.
     #[inline(always)]
@@ -303,13 +305,17 @@ mod avx2 {
 
     /// Q4_0 and Q4_1: nibbles are unsigned; Q4_0's `-8` is its offset `m = -8·d`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_rows(ty: GgmlType, w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+    pub unsafe fn dot_q4_rows(ty: GgmlType, w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; ROWS]) {
         let q4_0 = ty == GgmlType::Q4_0;
         match rows.len() {
             1 => dot_q4::<1>(q4_0, w, rows, acc),
             2 => dot_q4::<2>(q4_0, w, rows, acc),
             3 => dot_q4::<3>(q4_0, w, rows, acc),
-            _ => dot_q4::<4>(q4_0, w, rows, acc),
+            4 => dot_q4::<4>(q4_0, w, rows, acc),
+            5 => dot_q4::<5>(q4_0, w, rows, acc),
+            6 => dot_q4::<6>(q4_0, w, rows, acc),
+            7 => dot_q4::<7>(q4_0, w, rows, acc),
+            _ => dot_q4::<8>(q4_0, w, rows, acc),
         }
     }
 
@@ -318,7 +324,7 @@ mod avx2 {
         q4_0: bool,
         w: &[u8],
         rows: &[&[BlockQ8]],
-        acc: &mut [f32; 4],
+        acc: &mut [f32; ROWS],
     ) {
         let (bb, qoff) = if q4_0 { (18, 2) } else { (20, 4) };
         let nb = w.len() / bb;
@@ -346,17 +352,21 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0_rows(w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+    pub unsafe fn dot_q8_0_rows(w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; ROWS]) {
         match rows.len() {
             1 => dot_q8_0::<1>(w, rows, acc),
             2 => dot_q8_0::<2>(w, rows, acc),
             3 => dot_q8_0::<3>(w, rows, acc),
-            _ => dot_q8_0::<4>(w, rows, acc),
+            4 => dot_q8_0::<4>(w, rows, acc),
+            5 => dot_q8_0::<5>(w, rows, acc),
+            6 => dot_q8_0::<6>(w, rows, acc),
+            7 => dot_q8_0::<7>(w, rows, acc),
+            _ => dot_q8_0::<8>(w, rows, acc),
         }
     }
 
     #[inline(always)]
-    unsafe fn dot_q8_0<const R: usize>(w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; 4]) {
+    unsafe fn dot_q8_0<const R: usize>(w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; ROWS]) {
         let nb = w.len() / 34;
         let mut vacc = [_mm256_setzero_ps(); R];
         let a: [*const BlockQ8; R] = std::array::from_fn(|r| rows[r].as_ptr());
@@ -421,9 +431,9 @@ mod tests {
             let mut w = vec![0f32; k];
             dequantize_row(ty, &row, &mut w);
             let rows: Vec<&[BlockQ8]> = (0..3).map(|i| q.row(i)).collect();
-            let mut fast = [0f32; 4];
+            let mut fast = [0f32; ROWS];
             dot_rows(ty, &row, &rows, &mut fast);
-            let mut portable = [0f32; 4];
+            let mut portable = [0f32; ROWS];
             dot_rows_portable(ty, &row, &rows, &mut portable);
             for i in 0..3 {
                 let exact: f32 = w

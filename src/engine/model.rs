@@ -352,8 +352,9 @@ impl Model {
     }
 }
 
-/// Causal attention per sequence and head over the sequence's cache (which already holds this
-/// step's K and V).
+/// Causal attention per sequence and KV head over the sequence's cache (which already holds
+/// this step's K and V). The query heads that share a KV head are done together, so each key and
+/// value row is read once per group; long prompt chunks are split into row ranges.
 fn attention(
     cfg: &ModelConfig,
     layer: usize,
@@ -362,38 +363,52 @@ fn attention(
     q: &[f32],
     out: &mut [f32],
 ) {
+    const ROWS_PER_TASK: usize = 16;
     let (nh, hd) = (cfg.n_heads, cfg.head_dim);
     let group = nh / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let tasks: Vec<(usize, usize)> = (0..spans.len())
-        .flat_map(|s| (0..nh).map(move |hh| (s, hh)))
-        .collect();
-    let run = |&(s, head): &(usize, usize)| -> Vec<f32> {
-        let (r0, n, start) = spans[s];
+    let mut tasks = Vec::new(); // (sequence, kv head, first row, rows)
+    for (s, &(_, n, _)) in spans.iter().enumerate() {
+        for kvh in 0..cfg.n_kv_heads {
+            for i0 in (0..n).step_by(ROWS_PER_TASK) {
+                tasks.push((s, kvh, i0, ROWS_PER_TASK.min(n - i0)));
+            }
+        }
+    }
+    let run = |&(s, kvh, i0, rows): &(usize, usize, usize, usize)| -> Vec<f32> {
+        let (r0, _, start) = spans[s];
         let cache = caches[s];
-        let kvh = head / group;
-        let mut res = vec![0f32; n * hd];
-        let mut scores = Vec::with_capacity(start + n);
-        for i in 0..n {
+        let mut res = vec![0f32; rows * group * hd];
+        let mut scores = Vec::new();
+        for i in i0..i0 + rows {
             let upto = start + i + 1;
-            let qi = &q[(r0 + i) * nh * hd + head * hd..][..hd];
+            let qrow = &q[(r0 + i) * nh * hd + kvh * group * hd..][..group * hd];
             scores.clear();
+            scores.resize(group * upto, 0.0);
+            let mut p0 = 0;
             for blk in cache.rows(layer, kvh, false, upto) {
-                scores.extend(blk.chunks_exact(hd).map(|kr| simd::dot_f16(kr, qi) * scale));
-            }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0.0;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let dst = &mut res[i * hd..(i + 1) * hd];
-            let mut j = 0;
-            for blk in cache.rows(layer, kvh, true, upto) {
-                for vr in blk.chunks_exact(hd) {
-                    simd::axpy_f16(dst, vr, scores[j] / sum);
-                    j += 1;
+                let n = blk.len() / hd;
+                let mut part = vec![0f32; group * n];
+                simd::scores_f16(blk, qrow, group, hd, scale, &mut part);
+                for h in 0..group {
+                    scores[h * upto + p0..h * upto + p0 + n].copy_from_slice(&part[h * n..(h + 1) * n]);
                 }
+                p0 += n;
+            }
+            for h in 0..group {
+                softmax(&mut scores[h * upto..(h + 1) * upto]);
+            }
+            let dst = &mut res[(i - i0) * group * hd..(i - i0 + 1) * group * hd];
+            let mut p0 = 0;
+            let mut w = Vec::new();
+            for blk in cache.rows(layer, kvh, true, upto) {
+                let n = blk.len() / hd;
+                w.clear();
+                for h in 0..group {
+                    w.extend_from_slice(&scores[h * upto + p0..h * upto + p0 + n]);
+                }
+                simd::weighted_sum_f16(blk, &w, group, hd, dst);
+                p0 += n;
             }
         }
         res
@@ -404,11 +419,25 @@ fn attention(
     } else {
         tasks.iter().map(run).collect()
     };
-    for (&(s, head), res) in tasks.iter().zip(results) {
-        let (r0, n, _) = spans[s];
-        for i in 0..n {
-            out[(r0 + i) * nh * hd + head * hd..][..hd].copy_from_slice(&res[i * hd..(i + 1) * hd]);
+    for (&(s, kvh, i0, rows), res) in tasks.iter().zip(results) {
+        let r0 = spans[s].0;
+        for i in 0..rows {
+            out[(r0 + i0 + i) * nh * hd + kvh * group * hd..][..group * hd]
+                .copy_from_slice(&res[i * group * hd..(i + 1) * group * hd]);
         }
+    }
+}
+
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
     }
 }
 

@@ -67,12 +67,13 @@ impl GgmlType {
 }
 
 /// 32 activations quantized to signed bytes: `x ≈ d·qs`, with `s = d·Σqs` for offset weights.
+/// Aligned to 32 so that the kernels' 32-byte loads of `qs` never straddle a cache line.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, align(8))]
+#[repr(C, align(32))]
 pub struct BlockQ8 {
+    pub qs: [i8; 32],
     pub d: f32,
     pub s: f32,
-    pub qs: [i8; 32],
 }
 
 impl Default for BlockQ8 {
