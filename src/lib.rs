@@ -3,10 +3,12 @@
 //! The crate is laid out as in `DESIGN.md`:
 //! - [`engine`]: GGUF reading, the quantized transformer and its packed-batch forward, KV caches,
 //!   tokenizer, chat template, sampler, reasoning splitter. Synchronous; knows nothing of actors.
+//! - [`actors`]: the model actor and its continuous-batching scheduler.
 //! - [`fetch`]: getting the default model onto the machine.
 //! - [`bench`]: the engine benchmark behind `smolchat bench`.
 //! - [`cli`]: the command-line subcommands.
 
+pub mod actors;
 pub mod bench;
 pub mod cli;
 pub mod engine;

@@ -391,7 +391,8 @@ fn attention(
                 let mut part = vec![0f32; group * n];
                 simd::scores_f16(blk, qrow, group, hd, scale, &mut part);
                 for h in 0..group {
-                    scores[h * upto + p0..h * upto + p0 + n].copy_from_slice(&part[h * n..(h + 1) * n]);
+                    scores[h * upto + p0..h * upto + p0 + n]
+                        .copy_from_slice(&part[h * n..(h + 1) * n]);
                 }
                 p0 += n;
             }

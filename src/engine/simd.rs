@@ -74,7 +74,11 @@ pub fn weighted_sum_f16(v: &[f16], w: &[f32], g: usize, hd: usize, out: &mut [f3
     }
     for h in 0..g {
         for p in 0..n {
-            axpy_f16(&mut out[h * hd..(h + 1) * hd], &v[p * hd..(p + 1) * hd], w[h * n + p]);
+            axpy_f16(
+                &mut out[h * hd..(h + 1) * hd],
+                &v[p * hd..(p + 1) * hd],
+                w[h * n + p],
+            );
         }
     }
 }
@@ -93,7 +97,14 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores_f16(k: &[f16], q: &[f32], g: usize, hd: usize, scale: f32, out: &mut [f32]) {
+    pub unsafe fn scores_f16(
+        k: &[f16],
+        q: &[f32],
+        g: usize,
+        hd: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
         let n = k.len() / hd;
         assert!(q.len() >= g * hd && out.len() >= g * n);
         let kp = k.as_ptr() as *const __m128i;
