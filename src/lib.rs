@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod fetch;
+pub mod serve_sim;
 
 /// Where the default model lives, relative to the working directory (the repository root).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -121,6 +121,11 @@ enum Command {
         /// Weight format of the synthetic model.
         #[arg(long, default_value = "q4_k")]
         quant: String,
+        /// Chat jobs through the model actor at 1, 4, 8, 16 and 32 concurrent (or --concurrency).
+        #[arg(long)]
+        serve_sim: bool,
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 8, 16, 32])]
+        concurrency: Vec<usize>,
     },
 }
 
@@ -224,8 +229,28 @@ fn run(args: Args) -> Result<()> {
         }
         Command::Bench {
             json,
+            serve_sim: true,
+            concurrency,
+            ..
+        } => {
+            let engine = std::sync::Arc::new(cli::load(&args.model)?);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(smolchat::serve_sim::run(engine, &concurrency))?;
+            if json {
+                cli::print_json(&serde_json::to_value(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        Command::Bench {
+            json,
             synthetic,
             quant,
+            ..
         } => {
             let owned;
             let model = match synthetic {
