@@ -121,7 +121,7 @@ pub fn run(model: &Model) -> BenchReport {
         decode_batch,
         decode_16_at_1000,
         peak_rss_mb: peak_rss_mb(),
-        threads: rayon::current_num_threads(),
+        threads: crate::engine::pool::global().threads(),
     }
 }
 

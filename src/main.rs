@@ -145,9 +145,7 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()?;
+        smolchat::engine::pool::set_threads(n);
     }
     let command = args.command.unwrap_or(Command::Chat {
         max_tokens: 512,

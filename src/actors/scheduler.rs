@@ -479,23 +479,27 @@ impl Scheduler {
                 }
                 None => continue,
             };
-            r.backlog.push_back(event);
-            if flush(&r.sink, &mut r.backlog) && !r.backlog.is_empty() {
-                self.outbox
-                    .push((r.sink.clone(), std::mem::take(&mut r.backlog)));
-            }
             if let Some(key) = r.key.take() {
                 self.clock += 1;
                 let len = r.cache.len();
+                let tokens = r.seq.history[..len].to_vec();
+                let cache = std::mem::replace(&mut r.cache, KvCache::new(self.shape));
                 self.warm.insert(
                     key,
                     Warm {
-                        tokens: r.seq.history[..len].to_vec(),
-                        cache: r.cache,
+                        tokens,
+                        cache,
                         last_used: self.clock,
                     },
                 );
                 while self.kv_in_use() > self.config.kv_budget_bytes && self.evict_one(None) {}
+            }
+            // Counters first, so whoever reads `Done` sees the state after it.
+            self.publish();
+            r.backlog.push_back(event);
+            if flush(&r.sink, &mut r.backlog) && !r.backlog.is_empty() {
+                self.outbox
+                    .push((r.sink.clone(), std::mem::take(&mut r.backlog)));
             }
         }
     }

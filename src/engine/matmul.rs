@@ -2,14 +2,12 @@
 //! its GGUF block format.
 //!
 //! `x` is quantized once to [`BlockQ8`] rows. The work is cut into chunks of weight rows that run
-//! on the rayon pool; inside a chunk, each weight block is unpacked once and multiplied with up
+//! on the engine's [`pool`](super::pool); inside a chunk, each weight block is unpacked once and multiplied with up
 //! to four activation rows while it sits in registers, and activation rows are walked in tiles
 //! that stay in cache. So a batch of rows reads every weight byte once per step, not once per row.
 //! AVX2/FMA kernels are chosen at run time; the portable kernels compute the same sums.
 
 use std::sync::Arc;
-
-use rayon::prelude::*;
 
 use super::quant::{
     dequantize_row, f16_at, quantize_row_q8, unpack_32, unpack_k_sub, unpack_q6k_16, BlockQ8,
@@ -84,10 +82,14 @@ impl<'a> QuantizedRows<'a> {
         let mut blocks = vec![BlockQ8::default(); if precise { 0 } else { m * k / 32 }];
         if precise {
         } else if m >= 8 {
-            blocks
-                .par_chunks_mut(k / 32)
-                .zip(x.par_chunks(k))
-                .for_each(|(b, row)| quantize_row_q8(row, b));
+            let nb = k / 32;
+            let ptr = BlocksPtr(blocks.as_mut_ptr());
+            super::pool::global().run(m, &|i| {
+                let ptr = &ptr;
+                // SAFETY: task `i` writes only row `i`'s blocks.
+                let row = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(i * nb), nb) };
+                quantize_row_q8(&x[i * k..(i + 1) * k], row);
+            });
         } else {
             quantize_row_q8(x, &mut blocks);
         }
@@ -102,9 +104,13 @@ impl<'a> QuantizedRows<'a> {
 
     fn row(&self, i: usize) -> &[BlockQ8] {
         let nb = self.k / 32;
-        &self.blocks[i * nb..(i + 1) * nb]
+        self.blocks.get(i * nb..(i + 1) * nb).unwrap_or(&[])
     }
 }
+
+struct BlocksPtr(*mut BlockQ8);
+// SAFETY: tasks write disjoint rows.
+unsafe impl Sync for BlocksPtr {}
 
 /// A raw pointer to an output buffer that chunks write disjoint parts of.
 #[derive(Clone, Copy)]
@@ -113,9 +119,8 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Weight rows a parallel task takes; small enough to balance two cores, large enough to
-/// amortize the task.
-const CHUNK_ROWS: usize = 32;
+/// The fewest weight rows a parallel task takes.
+const MIN_CHUNK_ROWS: usize = 32;
 /// Activation rows walked per tile: 32 rows of 576 quantized values is ~18 KB, in L1.
 const TILE_ROWS: usize = 32;
 /// Activation rows a kernel call multiplies with one unpacked weight block.
@@ -126,6 +131,11 @@ pub const ROWS: usize = 8;
 pub fn matmul_many(x: &QuantizedRows, ws: &[&QMatrix], outs: &mut [&mut [f32]]) {
     assert_eq!(ws.len(), outs.len());
     let mut tasks = Vec::new();
+    // About four tasks per thread, so both cores stay busy without paying for tiny tasks.
+    let total_rows: usize = ws.iter().map(|w| w.rows).sum();
+    let chunk = (total_rows / (super::pool::global().threads() * 4))
+        .max(MIN_CHUNK_ROWS)
+        .next_multiple_of(8);
     for (j, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
         assert_eq!(
             w.cols, x.k,
@@ -134,8 +144,8 @@ pub fn matmul_many(x: &QuantizedRows, ws: &[&QMatrix], outs: &mut [&mut [f32]]) 
         );
         assert_eq!(out.len(), x.m * w.rows);
         let ptr = OutPtr(out.as_mut_ptr());
-        for r0 in (0..w.rows).step_by(CHUNK_ROWS) {
-            tasks.push((j, r0, (r0 + CHUNK_ROWS).min(w.rows), ptr));
+        for r0 in (0..w.rows).step_by(chunk) {
+            tasks.push((j, r0, (r0 + chunk).min(w.rows), ptr));
         }
     }
     let run = |&(j, r0, r1, ptr): &(usize, usize, usize, OutPtr)| {
@@ -147,7 +157,7 @@ pub fn matmul_many(x: &QuantizedRows, ws: &[&QMatrix], outs: &mut [&mut [f32]]) 
     if tasks.len() == 1 || x.m * x.k * tasks.len() < 4096 {
         tasks.iter().for_each(run);
     } else {
-        tasks.par_iter().for_each(run);
+        super::pool::global().run(tasks.len(), &|i| run(&tasks[i]));
     }
 }
 
@@ -157,31 +167,29 @@ pub fn matmul(x: &QuantizedRows, w: &QMatrix, out: &mut [f32]) {
 
 fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) {
     let n = w.rows;
-    let precise = x.precise;
+    let rb = w.row_bytes();
+    let data = w.data();
+    let float = x.precise || matches!(w.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+    let avx2 = super::simd::has_avx2();
     for t0 in (0..x.m).step_by(TILE_ROWS) {
         let t1 = (t0 + TILE_ROWS).min(x.m);
-        for r in r0..r1 {
-            let wrow = w.row(r);
-            let mut i = t0;
-            while i < t1 {
-                let g = (t1 - i).min(ROWS);
+        let mut i = t0;
+        while i < t1 {
+            let g = (t1 - i).min(ROWS);
+            let rows: [&[BlockQ8]; ROWS] = std::array::from_fn(|a| x.row(i + a.min(g - 1)));
+            for r in r0..r1 {
+                let wrow = &data[r * rb..(r + 1) * rb];
                 let mut acc = [0f32; ROWS];
-                match w.ty {
-                    _ if precise => dot_float_rows(w.ty, wrow, x, i, g, &mut acc),
-                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-                        dot_float_rows(w.ty, wrow, x, i, g, &mut acc)
-                    }
-                    _ => {
-                        let rows: [&[BlockQ8]; ROWS] =
-                            std::array::from_fn(|a| x.row(i + a.min(g - 1)));
-                        dot_rows(w.ty, wrow, &rows[..g], &mut acc);
-                    }
+                if float {
+                    dot_float_rows(w.ty, wrow, x, i, g, &mut acc);
+                } else {
+                    dot_rows_with(avx2, w.ty, wrow, &rows[..g], &mut acc);
                 }
-                for a in 0..g {
-                    out[(i + a) * n + r] = acc[a];
+                for (a, v) in acc.iter().enumerate().take(g) {
+                    out[(i + a) * n + r] = *v;
                 }
-                i += g;
             }
+            i += g;
         }
     }
 }
@@ -204,8 +212,18 @@ fn dot_float_rows(
 
 /// Dot products of one quantized weight row with up to [`ROWS`] activation rows.
 pub fn dot_rows(ty: GgmlType, wrow: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; ROWS]) {
+    dot_rows_with(super::simd::has_avx2(), ty, wrow, rows, acc)
+}
+
+fn dot_rows_with(
+    avx2: bool,
+    ty: GgmlType,
+    wrow: &[u8],
+    rows: &[&[BlockQ8]],
+    acc: &mut [f32; ROWS],
+) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx2() {
+    if avx2 {
         match ty {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
             GgmlType::Q4_0 | GgmlType::Q4_1 => unsafe {
@@ -319,6 +337,27 @@ mod avx2 {
         }
     }
 
+    /// `d·q + m` of a Q4_0/Q4_1 block as (d, m, 32 nibbles).
+    #[inline(always)]
+    unsafe fn unpack_q4(p: *const u8, q4_0: bool) -> (f32, f32, __m256i) {
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(dm);
+        let m = if q4_0 {
+            -8.0 * d
+        } else {
+            _mm_cvtss_f32(_mm_movehdup_ps(dm))
+        };
+        let raw = _mm_loadu_si128(p.add(if q4_0 { 2 } else { 4 }) as *const __m128i);
+        let q = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+            _mm256_set1_epi8(0xF),
+        );
+        (d, m, q)
+    }
+
+    /// Blocks are taken in pairs: `acc += (t_b + t_b+1)`, so one row's accumulator is touched
+    /// once per two blocks (a single row is latency-bound otherwise). Every row gets exactly
+    /// the same arithmetic whatever `R` is, so a packed batch equals rows run alone, bit for bit.
     #[inline(always)]
     unsafe fn dot_q4<const R: usize>(
         q4_0: bool,
@@ -326,25 +365,38 @@ mod avx2 {
         rows: &[&[BlockQ8]],
         acc: &mut [f32; ROWS],
     ) {
-        let (bb, qoff) = if q4_0 { (18, 2) } else { (20, 4) };
+        let bb = if q4_0 { 18 } else { 20 };
         let nb = w.len() / bb;
-        let mask = _mm256_set1_epi8(0xF);
         let mut vacc = [_mm256_setzero_ps(); R];
         let mut macc = [0f32; R];
         let a: [*const BlockQ8; R] = std::array::from_fn(|r| rows[r].as_ptr());
-        let mut blk = w.as_ptr();
-        for b in 0..nb {
-            let d = f16_ptr(blk);
-            let m = if q4_0 { -8.0 * d } else { f16_ptr(blk.add(2)) };
-            let raw = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
-            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+        let wp = w.as_ptr();
+        let mut b = 0;
+        while b + 1 < nb {
+            let (d0, m0, q0) = unpack_q4(wp.add(b * bb), q4_0);
+            let (d1, m1, q1) = unpack_q4(wp.add((b + 1) * bb), q4_0);
             for r in 0..R {
-                let ab = &*a[r].add(b);
-                let x = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                vacc[r] = _mm256_fmadd_ps(dot_u8_i8(q, x), _mm256_set1_ps(d * ab.d), vacc[r]);
-                macc[r] += m * ab.s;
+                let (x0, x1) = (&*a[r].add(b), &*a[r].add(b + 1));
+                let p0 = dot_u8_i8(q0, _mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i));
+                let p1 = dot_u8_i8(q1, _mm256_loadu_si256(x1.qs.as_ptr() as *const __m256i));
+                let t = _mm256_fmadd_ps(
+                    p1,
+                    _mm256_set1_ps(d1 * x1.d),
+                    _mm256_mul_ps(p0, _mm256_set1_ps(d0 * x0.d)),
+                );
+                vacc[r] = _mm256_add_ps(vacc[r], t);
+                macc[r] += m0 * x0.s + m1 * x1.s;
             }
-            blk = blk.add(bb);
+            b += 2;
+        }
+        if b < nb {
+            let (d0, m0, q0) = unpack_q4(wp.add(b * bb), q4_0);
+            for r in 0..R {
+                let x0 = &*a[r].add(b);
+                let p0 = dot_u8_i8(q0, _mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i));
+                vacc[r] = _mm256_add_ps(vacc[r], _mm256_mul_ps(p0, _mm256_set1_ps(d0 * x0.d)));
+                macc[r] += m0 * x0.s;
+            }
         }
         for r in 0..R {
             acc[r] = hsum(vacc[r]) + macc[r];
@@ -365,23 +417,45 @@ mod avx2 {
         }
     }
 
+    /// Pairs of blocks, as in `dot_q4`.
     #[inline(always)]
     unsafe fn dot_q8_0<const R: usize>(w: &[u8], rows: &[&[BlockQ8]], acc: &mut [f32; ROWS]) {
         let nb = w.len() / 34;
         let mut vacc = [_mm256_setzero_ps(); R];
         let a: [*const BlockQ8; R] = std::array::from_fn(|r| rows[r].as_ptr());
-        let mut blk = w.as_ptr();
-        for b in 0..nb {
-            let d = f16_ptr(blk);
+        let wp = w.as_ptr();
+        let unpack = |b: usize| {
+            let blk = wp.add(b * 34);
             let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let qa = _mm256_sign_epi8(q, q);
+            (f16_ptr(blk), _mm256_sign_epi8(q, q), q)
+        };
+        let mut b = 0;
+        while b + 1 < nb {
+            let (d0, qa0, q0) = unpack(b);
+            let (d1, qa1, q1) = unpack(b + 1);
             for r in 0..R {
-                let ab = &*a[r].add(b);
-                let x = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-                let xs = _mm256_sign_epi8(x, q);
-                vacc[r] = _mm256_fmadd_ps(dot_u8_i8(qa, xs), _mm256_set1_ps(d * ab.d), vacc[r]);
+                let (x0, x1) = (&*a[r].add(b), &*a[r].add(b + 1));
+                let v0 = _mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i);
+                let v1 = _mm256_loadu_si256(x1.qs.as_ptr() as *const __m256i);
+                let p0 = dot_u8_i8(qa0, _mm256_sign_epi8(v0, q0));
+                let p1 = dot_u8_i8(qa1, _mm256_sign_epi8(v1, q1));
+                let t = _mm256_fmadd_ps(
+                    p1,
+                    _mm256_set1_ps(d1 * x1.d),
+                    _mm256_mul_ps(p0, _mm256_set1_ps(d0 * x0.d)),
+                );
+                vacc[r] = _mm256_add_ps(vacc[r], t);
             }
-            blk = blk.add(34);
+            b += 2;
+        }
+        if b < nb {
+            let (d0, qa0, q0) = unpack(b);
+            for r in 0..R {
+                let x0 = &*a[r].add(b);
+                let v0 = _mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i);
+                let p0 = dot_u8_i8(qa0, _mm256_sign_epi8(v0, q0));
+                vacc[r] = _mm256_add_ps(vacc[r], _mm256_mul_ps(p0, _mm256_set1_ps(d0 * x0.d)));
+            }
         }
         for r in 0..R {
             acc[r] = hsum(vacc[r]);

@@ -5,8 +5,6 @@
 //! runs once over all rows of all sequences; attention runs per sequence and head over that
 //! sequence's cache; logits are computed only for the rows that are asked for.
 
-use rayon::prelude::*;
-
 use super::config::{Architecture, ModelConfig};
 use super::gguf::{GgufError, GgufFile, TensorInfo};
 use super::kv::{KvCache, KvShape};
@@ -415,12 +413,21 @@ fn attention(
         res
     };
     let work: usize = spans.iter().map(|&(_, n, st)| n * (st + n)).sum::<usize>() * nh;
-    let results: Vec<Vec<f32>> = if work > 2048 {
-        tasks.par_iter().map(run).collect()
-    } else {
-        tasks.iter().map(run).collect()
+    let results: Vec<std::sync::OnceLock<Vec<f32>>> =
+        tasks.iter().map(|_| std::sync::OnceLock::new()).collect();
+    let one = |i: usize| {
+        let _ = results[i].set(run(&tasks[i]));
     };
-    for (&(s, kvh, i0, rows), res) in tasks.iter().zip(results) {
+    if work > 2048 {
+        super::pool::global().run(tasks.len(), &one);
+    } else {
+        (0..tasks.len()).for_each(one);
+    }
+    for (&(s, kvh, i0, rows), res) in tasks.iter().zip(
+        results
+            .into_iter()
+            .map(|r| r.into_inner().unwrap_or_default()),
+    ) {
         let r0 = spans[s].0;
         for i in 0..rows {
             out[(r0 + i0 + i) * nh * hd + kvh * group * hd..][..group * hd]

@@ -115,13 +115,22 @@ impl Sampler {
             return argmax(logits);
         }
         let (temperature, top_k, top_p, min_p) = (p.temperature, p.top_k, p.top_p, p.min_p);
+        // Tokens whose probability relative to the best is below `floor` can never be drawn
+        // (min-p) or are negligible (e^-20): drop them before sorting the vocabulary.
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) / temperature;
+        let floor = if min_p > 0.0 {
+            min_p.ln().max(-20.0)
+        } else {
+            -20.0
+        };
         let c = &mut self.scratch;
         c.clear();
         c.extend(
             logits
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| (i as u32, l / temperature)),
+                .map(|(i, &l)| (i as u32, l / temperature))
+                .filter(|&(_, l)| l - max >= floor),
         );
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if top_k > 0 && top_k < c.len() {
