@@ -4,6 +4,7 @@
 //! - [`engine`]: GGUF reading, the quantized transformer and its packed-batch forward, KV caches,
 //!   tokenizer, chat template, sampler, reasoning splitter. Synchronous; knows nothing of actors.
 //! - [`actors`]: the model actor and its continuous-batching scheduler.
+//! - [`store`]: users, conversations and messages in SQLite.
 //! - [`fetch`]: getting the default model onto the machine.
 //! - [`bench`]: the engine benchmark behind `smolchat bench`.
 //! - [`cli`]: the command-line subcommands.
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod engine;
 pub mod fetch;
 pub mod serve_sim;
+pub mod store;
 
 /// Where the default model lives, relative to the working directory (the repository root).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -111,6 +111,16 @@ enum Command {
         #[arg(long, default_value_t = 512)]
         ctx: usize,
     },
+    /// One chat turn through the actors and the store, events as JSON lines (for tests).
+    #[command(hide = true)]
+    SessionTurn {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        message: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+    },
     /// Engine speed: prefill, decode, packed batches, peak memory.
     Bench {
         #[arg(long)]
@@ -224,6 +234,20 @@ fn run(args: Args) -> Result<()> {
         }
         Command::Perplexity { file, ctx } => {
             cli::inspect::perplexity(&cli::load(&args.model)?, &file, ctx)
+        }
+        Command::SessionTurn {
+            data_dir,
+            message,
+            max_tokens,
+        } => {
+            let engine = std::sync::Arc::new(cli::load(&args.model)?);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(cli::session_turn::run(
+                engine, &data_dir, &message, max_tokens,
+            ))
         }
         Command::Bench {
             json,

@@ -3,6 +3,7 @@
 
 pub mod generate;
 pub mod inspect;
+pub mod session_turn;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,204 @@
+//! The store: users, login sessions, conversations and messages in SQLite, through sqlx.
+//!
+//! - WAL journal, so readers never wait for the writer.
+//! - One writer: writes go through a pool of one connection, and every write transaction starts
+//!   with `BEGIN IMMEDIATE`, taking the write lock first instead of failing half-way on upgrade.
+//! - `synchronous = NORMAL`: in WAL mode a commit survives a crash of the process (the WAL is
+//!   written before the commit returns); only a power cut can lose the last commits. Streaming
+//!   checkpoints are frequent, and fsync on each would cost more than that risk is worth.
+//! - Foreign keys on. Every query that reads or writes a conversation or its messages is scoped
+//!   by the owner: someone else's conversation looks exactly like one that does not exist.
+//!
+//! SQL lives only here; nothing here knows about actors or HTTP.
+
+mod conversations;
+mod types;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+pub use types::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing does not exist, or belongs to someone else.
+    #[error("not found")]
+    NotFound,
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::NotFound => "not_found",
+            StoreError::Invalid(_) => "invalid_request",
+            StoreError::Db(_) => "storage_error",
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Migrations, applied in order at start-up; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+
+#[derive(Clone)]
+pub struct Store {
+    read: SqlitePool,
+    write: SqlitePool,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Rejects text the store must never hold.
+pub(crate) fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
+    if s.contains('\0') {
+        return Err(StoreError::Invalid(format!(
+            "{what} contains a NUL character"
+        )));
+    }
+    if s.len() > max {
+        return Err(StoreError::Invalid(format!(
+            "{what} is longer than {max} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, applies migrations, and marks
+    /// messages left `streaming` by a previous process as `interrupted` (their text is kept).
+    pub async fn open(path: &Path) -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts.read_only(true))
+            .await?;
+        let store = Self { read, write };
+        store.migrate().await?;
+        let n = store.recover_interrupted().await?;
+        if n > 0 {
+            tracing::warn!(
+                messages = n,
+                "messages left streaming by the last run are now interrupted"
+            );
+        }
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(migration = i + 1, "database migrated");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A write transaction that holds the write lock from its first statement.
+    pub(crate) async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    pub(crate) fn reader(&self) -> &SqlitePool {
+        &self.read
+    }
+
+    /// Marks every `streaming` message `interrupted`; returns how many there were.
+    pub async fn recover_interrupted(&self) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE messages SET status = 'interrupted', updated_at = ? WHERE status = 'streaming'",
+        )
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// A new anonymous user.
+    pub async fn create_user(&self) -> Result<UserId> {
+        let id = UserId::new();
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO users (id, created_at) VALUES (?, ?)")
+            .bind(id.to_string())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// A new login token for `user`; only its hash is stored, the token itself is returned once.
+    pub async fn create_login(&self, user: UserId) -> Result<String> {
+        let token = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO login_sessions (token_hash, user_id, created_at, last_seen_at) VALUES (?, ?, ?, ?)")
+            .bind(hash_token(&token))
+            .bind(user.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(token)
+    }
+
+    /// The user a token belongs to.
+    pub async fn user_for_token(&self, token: &str) -> Result<Option<UserId>> {
+        if token.is_empty() || token.len() > 256 {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT user_id FROM login_sessions WHERE token_hash = ?")
+            .bind(hash_token(token))
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.and_then(|r| r.get::<String, _>(0).parse().ok()))
+    }
+}
