@@ -120,7 +120,7 @@ impl Settings {
         if !(0.0..=2.0).contains(&self.temperature) {
             return Err("temperature must be between 0 and 2".into());
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) || !(0.0..=1.0).contains(&self.min_p) {
+        if !(self.top_p > 0.0 && self.top_p <= 1.0 && (0.0..=1.0).contains(&self.min_p)) {
             return Err("top_p must be in (0, 1] and min_p in [0, 1]".into());
         }
         if !(1..=8192).contains(&self.max_tokens) {

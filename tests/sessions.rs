@@ -1,0 +1,340 @@
+//! Session actors with a real SQLite file and the real default model, driven directly.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{call, Actor, ActorRef};
+use smolchat::actors::registry::{RegistryArgs, RegistryMsg, SessionRegistry};
+use smolchat::actors::session::{SessionError, SessionEvent, SessionMsg, Snapshot};
+use smolchat::actors::{ModelActor, ModelMsg, SchedulerConfig};
+use smolchat::engine::Engine;
+use smolchat::store::{ConversationId, MessageStatus, Role, Settings, Store, UserId};
+use tokio::sync::mpsc;
+
+fn engine() -> Arc<Engine> {
+    static E: std::sync::OnceLock<Arc<Engine>> = std::sync::OnceLock::new();
+    E.get_or_init(|| Arc::new(Engine::load(&common::default_model_path()).unwrap()))
+        .clone()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("smolchat-sessions-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct World {
+    store: Store,
+    model: ActorRef<ModelMsg>,
+    registry: ActorRef<RegistryMsg>,
+    user: UserId,
+    conv: ConversationId,
+}
+
+async fn world(name: &str, max_tokens: usize) -> World {
+    let store = Store::open(&temp_dir(name).join("smolchat.db"))
+        .await
+        .unwrap();
+    let (model, _) = Actor::spawn(None, ModelActor, (engine(), SchedulerConfig::cpu()))
+        .await
+        .unwrap();
+    let args = RegistryArgs {
+        store: store.clone(),
+        model: model.clone(),
+        engine: engine(),
+        idle: Duration::from_secs(30),
+    };
+    let (registry, _) = Actor::spawn(None, SessionRegistry, args).await.unwrap();
+    let user = store.create_user().await.unwrap();
+    let settings = Settings {
+        temperature: 0.0,
+        max_tokens,
+        ..Settings::default()
+    };
+    let conv = store
+        .create_conversation(user, "", "", &settings, false)
+        .await
+        .unwrap()
+        .id;
+    World {
+        store,
+        model,
+        registry,
+        user,
+        conv,
+    }
+}
+
+impl World {
+    async fn session(&self) -> ActorRef<SessionMsg> {
+        call!(self.registry, RegistryMsg::Open, self.user, self.conv)
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn subscribe(&self, cap: usize) -> (Snapshot, mpsc::Receiver<SessionEvent>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let (_, snap) = call!(self.session().await, SessionMsg::Subscribe, tx)
+            .unwrap()
+            .unwrap();
+        (snap, rx)
+    }
+
+    async fn send(&self, text: &str) -> Result<(), SessionError> {
+        call!(self.session().await, SessionMsg::Send, text.to_owned()).unwrap()
+    }
+
+    async fn running(&self) -> usize {
+        call!(self.model, ModelMsg::Status).unwrap().running
+    }
+}
+
+/// Reads events to the end of the current answer; returns the text of its deltas.
+async fn until_done(rx: &mut mpsc::Receiver<SessionEvent>) -> (String, smolchat::store::Message) {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            SessionEvent::Delta { text: t, .. } => text.push_str(&t),
+            SessionEvent::MessageDone { message } => return (text, message),
+            SessionEvent::Error { message, .. } => panic!("error: {message}"),
+            _ => {}
+        }
+    }
+    panic!("stream ended before the answer was done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_turn_is_stored_with_its_timings() {
+    let w = world("turn", 24).await;
+    let (snap, mut rx) = w.subscribe(1024).await;
+    assert!(snap.messages.is_empty());
+    w.send("What is the capital of France?").await.unwrap();
+    let (text, done) = until_done(&mut rx).await;
+    assert_eq!(done.status, MessageStatus::Complete);
+    assert_eq!(done.content, text);
+    assert!(
+        done.ttft_ms.unwrap() > 0.0
+            && done.completion_tokens.unwrap() > 0
+            && done.prompt_tokens.unwrap() > 0
+    );
+    let branch = w.store.branch(w.user, w.conv, None).await.unwrap();
+    assert_eq!(branch.len(), 2);
+    assert_eq!(
+        (branch[0].role, branch[0].content.as_str()),
+        (Role::User, "What is the capital of France?")
+    );
+    assert_eq!(branch[1], done);
+    assert_eq!(
+        w.store.conversation(w.user, w.conv).await.unwrap().title,
+        "What is the capital of France?"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_subscriber_gets_the_snapshot_then_the_rest() {
+    let w = world("late", 80).await;
+    let (_, mut first) = w.subscribe(1024).await;
+    w.send("Tell me a story about a lighthouse.").await.unwrap();
+    let mut seen = 0;
+    while seen < 10 {
+        if let Some(SessionEvent::Delta { .. }) = first.recv().await {
+            seen += 1;
+        }
+    }
+    let (snap, mut late) = w.subscribe(1024).await;
+    let partial = snap.streaming.expect("a live partial answer");
+    assert!(!partial.content.is_empty());
+    assert_eq!(snap.messages.last().unwrap().content, partial.content);
+    let (rest, done) = until_done(&mut late).await;
+    assert_eq!(
+        format!("{}{rest}", partial.content),
+        done.content,
+        "snapshot + deltas = stored text"
+    );
+    let (_, done_first) = until_done(&mut first).await;
+    assert_eq!(done_first.content, done.content);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regenerate_makes_a_sibling_and_edit_a_new_branch() {
+    let w = world("branches", 12).await;
+    let (_, mut rx) = w.subscribe(1024).await;
+    w.send("Name a color.").await.unwrap();
+    let (_, a1) = until_done(&mut rx).await;
+    let s = w.session().await;
+    assert_eq!(call!(s, SessionMsg::Regenerate, None).unwrap(), Ok(()));
+    let (_, a2) = until_done(&mut rx).await;
+    assert_ne!(a1.id, a2.id);
+    assert_eq!(
+        a1.parent_id, a2.parent_id,
+        "siblings under the same question"
+    );
+    let user = a1.parent_id.unwrap();
+
+    assert_eq!(
+        call!(s, SessionMsg::Edit, user, "Name a fruit.".to_owned()).unwrap(),
+        Ok(())
+    );
+    let (_, a3) = until_done(&mut rx).await;
+    let branch = w.store.branch(w.user, w.conv, None).await.unwrap();
+    assert_eq!(branch.len(), 2);
+    assert_eq!(branch[0].content, "Name a fruit.");
+    assert_eq!(branch[1].id, a3.id);
+    let old = w.store.branch(w.user, w.conv, Some(a1.id)).await.unwrap();
+    assert_eq!(
+        old[0].content, "Name a color.",
+        "the old branch stays readable"
+    );
+    // One active generation per conversation.
+    w.send("And a number?").await.unwrap();
+    assert_eq!(w.send("too soon").await, Err(SessionError::Generating));
+    until_done(&mut rx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_the_generation_in_the_model_actor() {
+    let w = world("stop", 400).await;
+    let (_, mut rx) = w.subscribe(1024).await;
+    w.send("Write a very long essay about the history of bread.")
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while seen < 5 {
+        if let Some(SessionEvent::Delta { .. }) = rx.recv().await {
+            seen += 1;
+        }
+    }
+    assert_eq!(w.running().await, 1);
+    assert!(call!(w.session().await, SessionMsg::Stop).unwrap());
+    let (_, done) = until_done(&mut rx).await;
+    assert_eq!(done.finish_reason.as_deref(), Some("stopped"));
+    assert!(done.completion_tokens.unwrap() < 400);
+    assert_eq!(w.running().await, 0, "the sequence left the batch");
+    let stored = w.store.message(w.user, done.id).await.unwrap();
+    assert_eq!(stored.content, done.content);
+    assert!(!stored.content.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_does_not_slow_a_fast_one() {
+    let w = world("slow", 120).await;
+    let (_, mut slow) = w.subscribe(4).await; // not read while the answer streams
+    let (_, mut fast) = w.subscribe(1024).await;
+    let started = Instant::now();
+    w.send("Describe a busy market in detail.").await.unwrap();
+    let (text, done) = until_done(&mut fast).await;
+    assert_eq!(text, done.content);
+    assert!(done.completion_tokens.unwrap() > 10);
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // The slow one was dropped: its stream ends after what fit in its channel.
+    let mut got = 0;
+    while slow.recv().await.is_some() {
+        got += 1;
+    }
+    assert!(got <= 4, "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_stops_itself_and_reopens_from_the_store() {
+    let mut w = world("idle", 8).await;
+    let args = RegistryArgs {
+        store: w.store.clone(),
+        model: w.model.clone(),
+        engine: engine(),
+        idle: Duration::from_millis(300),
+    };
+    w.registry = Actor::spawn(None, SessionRegistry, args).await.unwrap().0;
+    {
+        let (_, mut rx) = w.subscribe(1024).await;
+        w.send("Hi!").await.unwrap();
+        until_done(&mut rx).await;
+    }
+    assert_eq!(call!(w.registry, RegistryMsg::Count).unwrap(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while call!(w.registry, RegistryMsg::Count).unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the idle session did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (snap, _rx) = w.subscribe(16).await;
+    assert_eq!(
+        snap.messages.len(),
+        2,
+        "a new session starts from the store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_elses_conversation_cannot_be_opened() {
+    let w = world("other", 8).await;
+    let mallory = w.store.create_user().await.unwrap();
+    let r = call!(w.registry, RegistryMsg::Open, mallory, w.conv).unwrap();
+    assert_eq!(r.err(), Some(SessionError::NotFound));
+    let r = call!(w.registry, RegistryMsg::Open, w.user, ConversationId::new()).unwrap();
+    assert_eq!(r.err(), Some(SessionError::NotFound));
+}
+
+#[test]
+fn a_process_killed_mid_answer_restarts_with_the_partial_answer_interrupted() {
+    let dir = temp_dir("sigkill");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smolchat"))
+        .args([
+            "--model",
+            common::default_model_path().to_str().unwrap(),
+            "session-turn",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .args([
+            "--message",
+            "Write a long story about a sailor and the sea.",
+            "--max-tokens",
+            "2000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let ids: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let mut printed = String::new();
+    let mut deltas = 0;
+    for line in lines.by_ref() {
+        let ev: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if ev["type"] == "delta" {
+            printed.push_str(ev["text"].as_str().unwrap());
+            deltas += 1;
+            if deltas == 40 {
+                break;
+            }
+        }
+    }
+    // Let a checkpoint happen, then kill without warning.
+    std::thread::sleep(Duration::from_millis(900));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(&dir.join("smolchat.db")).await.unwrap();
+        let user: UserId = ids["user"].as_str().unwrap().parse().unwrap();
+        let conv: ConversationId = ids["conversation"].as_str().unwrap().parse().unwrap();
+        let branch = store.branch(user, conv, None).await.unwrap();
+        assert_eq!(
+            branch[0].content,
+            "Write a long story about a sailor and the sea."
+        );
+        let answer = &branch[1];
+        assert_eq!(answer.status, MessageStatus::Interrupted);
+        assert!(!answer.content.is_empty(), "the checkpointed text is kept");
+        assert!(
+            printed.starts_with(&answer.content) || answer.content.starts_with(&printed),
+            "stored text is what was streamed"
+        );
+    });
+}

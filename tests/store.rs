@@ -1,0 +1,215 @@
+//! The store on a real SQLite file: branches, recovery, search, and that no user can read or
+//! change another's conversation through any store function.
+
+use std::path::PathBuf;
+
+use smolchat::store::{
+    ConversationPatch, MessageOutcome, MessageStatus, Role, Settings, Store, StoreError,
+};
+
+fn db_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("smolchat-store-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("smolchat.db")
+}
+
+#[tokio::test]
+async fn branches_titles_and_recovery() {
+    let path = db_path("branches");
+    let store = Store::open(&path).await.unwrap();
+    let alice = store.create_user().await.unwrap();
+    let c = store
+        .create_conversation(alice, "", "Be brief.", &Settings::default(), false)
+        .await
+        .unwrap();
+    let u1 = store
+        .add_message(
+            alice,
+            c.id,
+            None,
+            Role::User,
+            "Where do owls live?\nAnd why?",
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    let a1 = store
+        .add_message(
+            alice,
+            c.id,
+            Some(u1.id),
+            Role::Assistant,
+            "",
+            MessageStatus::Streaming,
+        )
+        .await
+        .unwrap();
+    store
+        .checkpoint_message(alice, a1.id, "In forests", "")
+        .await
+        .unwrap();
+    let conv = store.conversation(alice, c.id).await.unwrap();
+    assert_eq!(
+        conv.title, "Where do owls live?",
+        "titled from the first user message"
+    );
+    assert_eq!(conv.current_leaf_id, Some(a1.id));
+
+    // A regenerate is a sibling under the same user message.
+    let a2 = store
+        .add_message(
+            alice,
+            c.id,
+            Some(u1.id),
+            Role::Assistant,
+            "In barns",
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    let kids = store.children(alice, c.id, Some(u1.id)).await.unwrap();
+    assert_eq!(
+        kids.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![a1.id, a2.id]
+    );
+    let branch = store.branch(alice, c.id, None).await.unwrap();
+    assert_eq!(
+        branch.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![u1.id, a2.id]
+    );
+    // The old branch stays readable.
+    let old = store.branch(alice, c.id, Some(a1.id)).await.unwrap();
+    assert_eq!(old.last().unwrap().content, "In forests");
+    store.select_branch(alice, c.id, a1.id).await.unwrap();
+    assert_eq!(
+        store
+            .conversation(alice, c.id)
+            .await
+            .unwrap()
+            .current_leaf_id,
+        Some(a1.id)
+    );
+
+    // A restart finds the streaming message interrupted, its text kept.
+    drop(store);
+    let store = Store::open(&path).await.unwrap();
+    let m = store.message(alice, a1.id).await.unwrap();
+    assert_eq!(m.status, MessageStatus::Interrupted);
+    assert_eq!(m.content, "In forests");
+    assert_eq!(
+        store.message(alice, u1.id).await.unwrap().content,
+        "Where do owls live?\nAnd why?"
+    );
+}
+
+#[tokio::test]
+async fn another_user_can_neither_read_nor_change() {
+    let store = Store::open(&db_path("isolation")).await.unwrap();
+    let alice = store.create_user().await.unwrap();
+    let mallory = store.create_user().await.unwrap();
+    let c = store
+        .create_conversation(alice, "secret plans", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    let u = store
+        .add_message(
+            alice,
+            c.id,
+            None,
+            Role::User,
+            "my secret is blue",
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    let nf = |r: Result<(), StoreError>| assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+
+    nf(store.conversation(mallory, c.id).await.map(|_| ()));
+    nf(store.branch(mallory, c.id, None).await.map(|_| ()));
+    nf(store.children(mallory, c.id, None).await.map(|_| ()));
+    nf(store.message(mallory, u.id).await.map(|_| ()));
+    nf(store
+        .update_conversation(
+            mallory,
+            c.id,
+            &ConversationPatch {
+                title: Some("mine".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map(|_| ()));
+    nf(store.delete_conversation(mallory, c.id).await);
+    nf(store
+        .add_message(
+            mallory,
+            c.id,
+            Some(u.id),
+            Role::User,
+            "hi",
+            MessageStatus::Complete,
+        )
+        .await
+        .map(|_| ()));
+    nf(store
+        .checkpoint_message(mallory, u.id, "overwritten", "")
+        .await);
+    nf(store
+        .finish_message(mallory, u.id, "overwritten", "", &MessageOutcome::default())
+        .await);
+    nf(store.select_branch(mallory, c.id, u.id).await.map(|_| ()));
+    assert!(store.list_conversations(mallory).await.unwrap().is_empty());
+    assert!(store.search(mallory, "secret").await.unwrap().is_empty());
+
+    // Nothing changed for Alice.
+    let conv = store.conversation(alice, c.id).await.unwrap();
+    assert_eq!(conv.title, "secret plans");
+    assert_eq!(
+        store.message(alice, u.id).await.unwrap().content,
+        "my secret is blue"
+    );
+    let hits = store.search(alice, "secret").await.unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].message_id, u.id);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let store = Store::open(&db_path("bad")).await.unwrap();
+    let alice = store.create_user().await.unwrap();
+    let c = store
+        .create_conversation(alice, "t", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    let r = store
+        .add_message(
+            alice,
+            c.id,
+            None,
+            Role::User,
+            "nul\0byte",
+            MessageStatus::Complete,
+        )
+        .await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))));
+    let bad = Settings {
+        temperature: 9.0,
+        ..Settings::default()
+    };
+    assert!(matches!(
+        store.create_conversation(alice, "", "", &bad, false).await,
+        Err(StoreError::Invalid(_))
+    ));
+    // Search syntax from users is plain text, never an FTS5 error.
+    assert!(store
+        .search(alice, "\"unbalanced AND OR ( *")
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.branch(alice, c.id, None).await.unwrap().is_empty());
+    // Tokens are stored hashed and map back to their user.
+    let token = store.create_login(alice).await.unwrap();
+    assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
+    assert_eq!(store.user_for_token("nope").await.unwrap(), None);
+}
