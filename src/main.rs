@@ -241,10 +241,7 @@ fn run(args: Args) -> Result<()> {
             max_tokens,
         } => {
             let engine = std::sync::Arc::new(cli::load(&args.model)?);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?;
+            let rt = runtime()?;
             rt.block_on(cli::session_turn::run(
                 engine, &data_dir, &message, max_tokens,
             ))
@@ -256,10 +253,7 @@ fn run(args: Args) -> Result<()> {
             ..
         } => {
             let engine = std::sync::Arc::new(cli::load(&args.model)?);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?;
+            let rt = runtime()?;
             let report = rt.block_on(smolchat::serve_sim::run(engine, &concurrency))?;
             if json {
                 cli::print_json(&serde_json::to_value(&report)?);
@@ -302,6 +296,15 @@ fn fetch_if_default(model: &std::path::Path) -> Result<()> {
         smolchat::fetch::fetch_default_model(model)?;
     }
     Ok(())
+}
+
+/// The async runtime for the actor commands: the engine has its own threads, so one worker is
+/// enough for the actors.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
 }
 
 fn rand_seed() -> u64 {
@@ -355,8 +358,6 @@ fn synthetic_config(kind: SyntheticModel) -> ModelConfig {
         context_length: 8192,
         vocab_size: vocab,
         tied_embeddings: true,
-        use_rope: (0..n_layers)
-            .map(|i| arch == Architecture::Llama || (i + 1) % 4 != 0)
-            .collect(),
+        use_rope: arch.rope_layers(n_layers),
     }
 }

@@ -11,6 +11,19 @@ pub enum Architecture {
     Smollm3,
 }
 
+impl Architecture {
+    /// Which of `n_layers` layers apply RoPE. SmolLM3 skips it on every fourth layer (3, 7,
+    /// 11, …): llama.cpp's rule; the GGUF carries no key for it.
+    pub fn rope_layers(self, n_layers: usize) -> Vec<bool> {
+        (0..n_layers)
+            .map(|i| match self {
+                Architecture::Llama => true,
+                Architecture::Smollm3 => (i + 1) % 4 != 0,
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelConfig {
     pub arch: Architecture,
@@ -90,13 +103,7 @@ impl ModelConfig {
             )));
         }
         let tied_embeddings = !f.tensors.contains_key("output.weight");
-        let use_rope = (0..n_layers)
-            .map(|i| match arch {
-                Architecture::Llama => true,
-                // llama.cpp's rule for smollm3; the GGUF carries no key for it.
-                Architecture::Smollm3 => (i + 1) % 4 != 0,
-            })
-            .collect();
+        let use_rope = arch.rope_layers(n_layers);
         Ok(Self {
             arch,
             n_layers,

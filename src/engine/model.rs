@@ -65,9 +65,7 @@ impl Model {
         let mut cfg = ModelConfig::from_gguf(f)?;
         if let Some(a) = arch {
             cfg.arch = a;
-            cfg.use_rope = (0..cfg.n_layers)
-                .map(|i| a == Architecture::Llama || (i + 1) % 4 != 0)
-                .collect();
+            cfg.use_rope = a.rope_layers(cfg.n_layers);
         }
         let bytes = f.shared_bytes();
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix, EngineError> {
