@@ -14,7 +14,9 @@ pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod fetch;
+pub mod protocol;
 pub mod serve_sim;
+pub mod server;
 pub mod store;
 
 /// Where the default model lives, relative to the working directory (the repository root).

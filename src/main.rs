@@ -42,6 +42,39 @@ enum SyntheticModel {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the chat on the web (the default).
+    Serve {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 3000)]
+        port: u16,
+        /// Where the database lives.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Origins allowed to open the WebSocket besides the server's own (repeatable).
+        #[arg(long = "allow-origin")]
+        allow_origins: Vec<String>,
+        /// Sequences decoding together at most.
+        #[arg(long, default_value_t = 16)]
+        max_running: usize,
+        /// Requests waiting for a slot at most; beyond, `busy`.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// Memory for all KV caches, MB.
+        #[arg(long, default_value_t = 1024)]
+        kv_budget_mb: usize,
+        /// Chat messages per user per minute.
+        #[arg(long, default_value_t = 20)]
+        messages_per_minute: usize,
+        /// Answers generating at once per user.
+        #[arg(long, default_value_t = 2)]
+        concurrent_generations: usize,
+    },
+    /// Print a bearer token for a new user (for scripts).
+    Token {
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Chat in the terminal (the default).
     Chat {
         #[arg(long, default_value_t = 512)]
@@ -157,12 +190,65 @@ fn run(args: Args) -> Result<()> {
     if let Some(n) = args.threads {
         smolchat::engine::pool::set_threads(n);
     }
-    let command = args.command.unwrap_or(Command::Chat {
-        max_tokens: 512,
-        temperature: 0.7,
-        system: None,
+    let command = args.command.unwrap_or(Command::Serve {
+        host: "127.0.0.1".into(),
+        port: 3000,
+        data_dir: "data".into(),
+        allow_origins: vec![],
+        max_running: 16,
+        max_queue: 64,
+        kv_budget_mb: 1024,
+        messages_per_minute: 20,
+        concurrent_generations: 2,
     });
     match command {
+        Command::Serve {
+            host,
+            port,
+            data_dir,
+            allow_origins,
+            max_running,
+            max_queue,
+            kv_budget_mb,
+            messages_per_minute,
+            concurrent_generations,
+        } => {
+            fetch_if_default(&args.model)?;
+            let engine = std::sync::Arc::new(cli::load(&args.model)?);
+            let addr: std::net::SocketAddr = format!("{host}:{port}").parse().or_else(|_| {
+                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("no address"))
+            })?;
+            let scheduler = smolchat::actors::SchedulerConfig {
+                max_running,
+                max_queue,
+                kv_budget_bytes: kv_budget_mb << 20,
+                ..smolchat::actors::SchedulerConfig::cpu()
+            };
+            let limits = smolchat::server::Limits {
+                messages_per_minute,
+                concurrent_generations,
+                ..Default::default()
+            };
+            let config = smolchat::server::ServerConfig {
+                addr,
+                data_dir,
+                engine,
+                scheduler,
+                limits,
+                allowed_origins: allow_origins,
+                session_idle: std::time::Duration::from_secs(300),
+            };
+            runtime()?.block_on(smolchat::server::run(config))
+        }
+        Command::Token { data_dir } => runtime()?.block_on(async {
+            std::fs::create_dir_all(&data_dir)?;
+            let store = smolchat::store::Store::open(&data_dir.join("smolchat.db")).await?;
+            let user = store.create_user().await?;
+            println!("{}", store.create_login(user).await?);
+            Ok(())
+        }),
         Command::FetchModel => smolchat::fetch::fetch_default_model(&args.model),
         Command::Chat {
             max_tokens,

@@ -1,0 +1,234 @@
+//! The wire protocol: every JSON frame between the page (or a script) and the server.
+//!
+//! Frames are JSON text, tagged by `type`. Client messages may carry a `request_id` (a short
+//! string) that the server echoes in the `ack` or `error` that answers them. Documented with an
+//! example session in `docs/PROTOCOL.md`; this file is the one source of truth.
+
+use serde::{Deserialize, Serialize};
+
+use crate::actors::session::{Partial, SessionEvent};
+use crate::engine::reasoning::Channel;
+use crate::store::{Conversation, ConversationId, Message, MessageId, Settings};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What a client may send.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// Starts a new conversation; answered by `conversation_created`.
+    Create {
+        #[serde(default)]
+        request_id: Option<String>,
+        #[serde(default)]
+        title: Option<String>,
+        #[serde(default)]
+        system_prompt: Option<String>,
+        #[serde(default)]
+        settings: Option<Settings>,
+        #[serde(default)]
+        reasoning: Option<bool>,
+    },
+    /// Subscribes to a conversation; answered by `snapshot`, then its live events.
+    Open {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+    },
+    /// Stops following a conversation.
+    Close {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+    },
+    Send {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+        content: String,
+    },
+    Stop {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+    },
+    Regenerate {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+        #[serde(default)]
+        message_id: Option<MessageId>,
+    },
+    Edit {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        content: String,
+    },
+    Rename {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+        title: String,
+    },
+    Delete {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+    },
+}
+
+impl ClientMessage {
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            ClientMessage::Create { request_id, .. }
+            | ClientMessage::Open { request_id, .. }
+            | ClientMessage::Close { request_id, .. }
+            | ClientMessage::Send { request_id, .. }
+            | ClientMessage::Stop { request_id, .. }
+            | ClientMessage::Regenerate { request_id, .. }
+            | ClientMessage::Edit { request_id, .. }
+            | ClientMessage::Rename { request_id, .. }
+            | ClientMessage::Delete { request_id, .. } => request_id.as_deref(),
+        }
+    }
+}
+
+/// What the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerEvent {
+    Hello {
+        protocol: u32,
+        user_id: String,
+    },
+    /// The request with this id was accepted.
+    Ack {
+        request_id: Option<String>,
+    },
+    ConversationCreated {
+        request_id: Option<String>,
+        conversation: Conversation,
+    },
+    Snapshot {
+        conversation: Conversation,
+        messages: Vec<Message>,
+        streaming: Option<Partial>,
+    },
+    UserMessage {
+        conversation_id: ConversationId,
+        message: Message,
+    },
+    MessageStarted {
+        conversation_id: ConversationId,
+        message: Message,
+    },
+    Delta {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        channel: Channel,
+        text: String,
+    },
+    MessageDone {
+        conversation_id: ConversationId,
+        message: Message,
+    },
+    Busy {
+        conversation_id: ConversationId,
+        queue_len: usize,
+    },
+    Notice {
+        conversation_id: ConversationId,
+        text: String,
+    },
+    Renamed {
+        conversation: Conversation,
+    },
+    Deleted {
+        conversation_id: ConversationId,
+    },
+    Error {
+        code: String,
+        message: String,
+        request_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        conversation_id: Option<ConversationId>,
+    },
+}
+
+impl ServerEvent {
+    pub fn error(code: &str, message: impl Into<String>, request_id: Option<&str>) -> Self {
+        ServerEvent::Error {
+            code: code.to_owned(),
+            message: message.into(),
+            request_id: request_id.map(str::to_owned),
+            conversation_id: None,
+        }
+    }
+
+    /// A session's event, as the wire says it.
+    pub fn from_session(conversation_id: ConversationId, ev: SessionEvent) -> Self {
+        match ev {
+            SessionEvent::UserMessage { message } => ServerEvent::UserMessage {
+                conversation_id,
+                message,
+            },
+            SessionEvent::MessageStarted { message } => ServerEvent::MessageStarted {
+                conversation_id,
+                message,
+            },
+            SessionEvent::Delta {
+                message_id,
+                channel,
+                text,
+            } => ServerEvent::Delta {
+                conversation_id,
+                message_id,
+                channel,
+                text,
+            },
+            SessionEvent::MessageDone { message } => ServerEvent::MessageDone {
+                conversation_id,
+                message,
+            },
+            SessionEvent::Busy { queue_len } => ServerEvent::Busy {
+                conversation_id,
+                queue_len,
+            },
+            SessionEvent::Notice { text } => ServerEvent::Notice {
+                conversation_id,
+                text,
+            },
+            SessionEvent::Error { code, message } => ServerEvent::Error {
+                code,
+                message,
+                request_id: None,
+                conversation_id: Some(conversation_id),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_client_messages_and_rejects_unknown_ones() {
+        let m: ClientMessage = serde_json::from_str(
+            r#"{"type":"send","request_id":"r1","conversation_id":"6f1c1f2e-3d4e-4b5a-9c8d-7e6f5a4b3c2d","content":"hi"}"#,
+        )
+        .unwrap();
+        assert_eq!(m.request_id(), Some("r1"));
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"launch_missiles"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMessage>(
+            r#"{"type":"send","conversation_id":"nope","content":"hi"}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<ClientMessage>(
+            r#"{"type":"open","conversation_id":"6f1c1f2e-3d4e-4b5a-9c8d-7e6f5a4b3c2d","x":1}"#
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,60 @@
+//! Who is asking: an httpOnly cookie for browsers, `Authorization: Bearer` for programs; and
+//! whether a WebSocket upgrade comes from an allowed origin.
+
+use axum::http::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
+use axum::http::HeaderMap;
+
+use super::AppState;
+use crate::store::UserId;
+
+pub const COOKIE_NAME: &str = "smolchat_token";
+
+/// The token a request carries, bearer first.
+fn token(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE_NAME)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// The user behind the request's token, if it is valid.
+pub async fn user(state: &AppState, headers: &HeaderMap) -> Option<UserId> {
+    let t = token(headers)?;
+    state.store.user_for_token(&t).await.ok().flatten()
+}
+
+/// The user, or a new anonymous one with the `Set-Cookie` value that identifies them.
+pub async fn user_or_new(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(UserId, Option<String>), crate::store::StoreError> {
+    if let Some(u) = user(state, headers).await {
+        return Ok((u, None));
+    }
+    let u = state.store.create_user().await?;
+    let t = state.store.create_login(u).await?;
+    let cookie = format!("{COOKIE_NAME}={t}; HttpOnly; SameSite=Lax; Path=/; Max-Age=31536000");
+    Ok((u, Some(cookie)))
+}
+
+/// Browsers send `Origin` on a WebSocket upgrade: it must be this server's own (same host) or
+/// in the allow-list. Programs that send none are identified by their token alone.
+pub fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    if state.allowed_origins.iter().any(|o| o == origin) {
+        return true;
+    }
+    let Some(host) = headers.get(HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    origin == format!("http://{host}") || origin == format!("https://{host}")
+}

@@ -1,0 +1,233 @@
+//! The HTTP and WebSocket server (axum): the page, the socket, a small REST API, health and
+//! Prometheus metrics. It speaks to actors and the store, never to the engine directly.
+
+mod identity;
+mod rest;
+mod ws;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use ractor::{Actor, ActorRef};
+use tokio::sync::watch;
+
+use crate::actors::registry::{RegistryArgs, RegistryMsg, SessionRegistry};
+use crate::actors::{ModelActor, ModelMsg, SchedulerConfig};
+use crate::engine::Engine;
+use crate::store::{ConversationId, Store, UserId};
+
+/// Per-user limits; each has its own error code.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest WebSocket frame or message (bytes); larger closes the socket with 1009.
+    pub max_frame_bytes: usize,
+    /// Longest chat message, in characters (`message_too_long`).
+    pub max_message_chars: usize,
+    /// Messages that start a generation, per user per minute (`rate_limited`).
+    pub messages_per_minute: usize,
+    /// Conversations generating at once, per user (`too_many_generations`).
+    pub concurrent_generations: usize,
+    /// Open sockets per user (HTTP 429 at the upgrade).
+    pub sockets_per_user: usize,
+    /// Bad frames (invalid JSON, unknown types, …) before the socket is closed with 1008.
+    pub max_bad_frames: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 256 * 1024,
+            max_message_chars: 16_000,
+            messages_per_minute: 20,
+            concurrent_generations: 2,
+            sockets_per_user: 8,
+            max_bad_frames: 10,
+        }
+    }
+}
+
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub engine: Arc<Engine>,
+    pub scheduler: SchedulerConfig,
+    pub limits: Limits,
+    /// Origins allowed to open the WebSocket besides the server's own.
+    pub allowed_origins: Vec<String>,
+    /// A session with nobody watching and nothing to do stops after this long.
+    pub session_idle: Duration,
+}
+
+pub(crate) struct AppState {
+    store: Store,
+    registry: ActorRef<RegistryMsg>,
+    model: ActorRef<ModelMsg>,
+    limits: Limits,
+    allowed_origins: Vec<String>,
+    metrics: PrometheusHandle,
+    sockets: Mutex<HashMap<UserId, usize>>,
+    sends: Mutex<HashMap<UserId, VecDeque<Instant>>>,
+    generating: Mutex<HashMap<UserId, HashSet<ConversationId>>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The process-wide Prometheus recorder (installed once).
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
+}
+
+/// A running server.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub store: Store,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    registry: ActorRef<RegistryMsg>,
+    model: ActorRef<ModelMsg>,
+}
+
+impl RunningServer {
+    /// Stops accepting, closes sockets with 1001, marks streaming answers interrupted (with their
+    /// text), and returns when done.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        let _ = self
+            .registry
+            .get_cell()
+            .stop_children_and_wait(Some("shutdown".into()), Some(Duration::from_secs(3)))
+            .await;
+        self.registry.stop(None);
+        self.model.stop(None);
+        match self.store.recover_interrupted().await {
+            Ok(n) if n > 0 => {
+                tracing::info!(messages = n, "streaming answers saved as interrupted")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "could not mark streaming answers"),
+        }
+        tracing::info!("server stopped");
+    }
+}
+
+/// Opens the store, starts the actors and serves on `config.addr` until `shutdown`.
+pub async fn start(config: ServerConfig) -> Result<RunningServer> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = Store::open(&config.data_dir.join("smolchat.db")).await?;
+    let (model, _) = Actor::spawn(
+        None,
+        ModelActor,
+        (config.engine.clone(), config.scheduler.clone()),
+    )
+    .await?;
+    let args = RegistryArgs {
+        store: store.clone(),
+        model: model.clone(),
+        engine: config.engine.clone(),
+        idle: config.session_idle,
+    };
+    let (registry, _) = Actor::spawn(None, SessionRegistry, args).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        registry: registry.clone(),
+        model: model.clone(),
+        limits: config.limits,
+        allowed_origins: config.allowed_origins,
+        metrics: metrics_handle(),
+        sockets: Mutex::new(HashMap::new()),
+        sends: Mutex::new(HashMap::new()),
+        generating: Mutex::new(HashMap::new()),
+        shutdown: shutdown_rx.clone(),
+    });
+    let app = router(state);
+    let listener = tokio::net::TcpListener::bind(config.addr).await?;
+    let addr = listener.local_addr()?;
+    let mut stop = shutdown_rx;
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "server error");
+        }
+    });
+    tracing::info!(%addr, "smolchat is listening: open http://{addr}/");
+    Ok(RunningServer {
+        addr,
+        store,
+        shutdown: shutdown_tx,
+        task,
+        registry,
+        model,
+    })
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(rest::index))
+        .route("/app.js", get(rest::app_js))
+        .route("/style.css", get(rest::style_css))
+        .route("/ws", get(ws::upgrade))
+        .route("/api/conversations", get(rest::list).post(rest::create))
+        .route(
+            "/api/conversations/{id}",
+            get(rest::get_one).patch(rest::patch).delete(rest::delete),
+        )
+        .route("/healthz", get(rest::healthz))
+        .route("/readyz", get(rest::readyz))
+        .route("/metrics", get(rest::metrics))
+        .with_state(state)
+}
+
+/// Serves until Ctrl-C or SIGTERM, then shuts down gracefully.
+pub async fn run(config: ServerConfig) -> Result<()> {
+    let server = start(config).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,270 @@
+//! The page, the REST API for scripts and first paint, health and metrics.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ractor::call;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{identity, AppState};
+use crate::store::{ConversationId, ConversationPatch, Settings, StoreError, UserId};
+
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const STYLE_CSS: &str = include_str!("../../web/style.css");
+
+/// A JSON error with a stable code.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    metrics::counter!("smolchat_errors_total", "code" => code.to_owned()).increment(1);
+    (status, Json(json!({ "code": code, "message": message }))).into_response()
+}
+
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::NotFound => error(StatusCode::NOT_FOUND, "not_found", "conversation not found"),
+        StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid_request", &m),
+        StoreError::Db(e) => {
+            tracing::error!(error = %e, "storage error");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_error",
+                "storage error",
+            )
+        }
+    }
+}
+
+async fn require_user(state: &AppState, headers: &HeaderMap) -> Result<UserId, Response> {
+    identity::user(state, headers).await.ok_or_else(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "no valid token: open the page or send Authorization: Bearer",
+        )
+    })
+}
+
+fn parse_id(id: &str) -> Result<ConversationId, Response> {
+    // An id that is not a UUID answers like a conversation that does not exist.
+    id.parse()
+        .map_err(|_| error(StatusCode::NOT_FOUND, "not_found", "conversation not found"))
+}
+
+pub async fn index(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match identity::user_or_new(&state, &headers).await {
+        Ok((_, cookie)) => {
+            let mut r = (
+                [
+                    (CONTENT_TYPE, "text/html; charset=utf-8"),
+                    (CACHE_CONTROL, "no-cache"),
+                ],
+                INDEX_HTML,
+            )
+                .into_response();
+            if let Some(c) = cookie.and_then(|c| c.parse().ok()) {
+                r.headers_mut().insert(SET_COOKIE, c);
+            }
+            r
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+pub async fn app_js() -> Response {
+    (
+        [
+            (CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        APP_JS,
+    )
+        .into_response()
+}
+
+pub async fn style_css() -> Response {
+    (
+        [
+            (CONTENT_TYPE, "text/css; charset=utf-8"),
+            (CACHE_CONTROL, "no-cache"),
+        ],
+        STYLE_CSS,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    q: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    let user = match require_user(&state, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    match query.q.filter(|q| !q.trim().is_empty()) {
+        Some(q) => match state.store.search(user, &q).await {
+            Ok(hits) => Json(json!({ "results": hits })).into_response(),
+            Err(e) => store_error(e),
+        },
+        None => match state.store.list_conversations(user).await {
+            Ok(list) => Json(json!({ "conversations": list })).into_response(),
+            Err(e) => store_error(e),
+        },
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewConversation {
+    #[serde(default)]
+    title: String,
+    #[serde(default)]
+    system_prompt: String,
+    #[serde(default)]
+    settings: Settings,
+    #[serde(default)]
+    reasoning: bool,
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let user = match require_user(&state, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let new: NewConversation = if body.is_empty() {
+        NewConversation::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(n) => n,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+        }
+    };
+    match state
+        .store
+        .create_conversation(
+            user,
+            &new.title,
+            &new.system_prompt,
+            &new.settings,
+            new.reasoning,
+        )
+        .await
+    {
+        Ok(c) => (StatusCode::CREATED, Json(c)).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+pub async fn get_one(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let user = match require_user(&state, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let conversation = match state.store.conversation(user, id).await {
+        Ok(c) => c,
+        Err(e) => return store_error(e),
+    };
+    match state.store.branch(user, id, None).await {
+        Ok(messages) => {
+            Json(json!({ "conversation": conversation, "messages": messages })).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+pub async fn patch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let user = match require_user(&state, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let patch: ConversationPatch = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+    };
+    match state.store.update_conversation(user, id, &patch).await {
+        Ok(c) => Json(c).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let user = match require_user(&state, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    match super::ws::delete_conversation(&state, user, id).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match call!(state.model, crate::actors::ModelMsg::Status) {
+        Ok(s) if s.waiting < s.max_queue => {
+            Json(json!({ "ready": true, "running": s.running, "waiting": s.waiting }))
+                .into_response()
+        }
+        Ok(s) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reason": "queue full", "waiting": s.waiting })),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reason": "model actor unavailable" })),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

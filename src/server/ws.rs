@@ -1,0 +1,501 @@
+//! The WebSocket: one task per socket. A writer task sends frames from a bounded queue; the
+//! reader parses each frame into a [`ClientMessage`], hands it to the conversation's session
+//! actor, and answers errors in place. Every open conversation is a subscription whose events
+//! are forwarded to the writer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use ractor::{call, ActorRef};
+use tokio::sync::mpsc;
+
+use super::rest::error;
+use super::{identity, lock, AppState};
+use crate::actors::registry::RegistryMsg;
+use crate::actors::session::{SessionError, SessionMsg, SubscriberId};
+use crate::protocol::{ClientMessage, ServerEvent, PROTOCOL_VERSION};
+use crate::store::{ConversationId, StoreError, UserId};
+
+/// Frames queued for one socket; a client that reads slower than this is cut off.
+const OUTBOX: usize = 1024;
+/// Events queued per subscription inside the session actor.
+const SUBSCRIPTION: usize = 512;
+
+enum Outgoing {
+    Event(ServerEvent),
+    Close(u16, &'static str),
+}
+
+/// An error answered in place: (code, message).
+type Refusal = (&'static str, String);
+
+fn refusal(e: SessionError) -> Refusal {
+    (e.code(), e.to_string())
+}
+
+fn store_refusal(e: StoreError) -> Refusal {
+    refusal(e.into())
+}
+
+pub async fn upgrade(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !identity::origin_allowed(&state, &headers) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "this origin may not open the socket",
+        );
+    }
+    let Some(user) = identity::user(&state, &headers).await else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "no valid token: open the page or send Authorization: Bearer",
+        );
+    };
+    {
+        let mut sockets = lock(&state.sockets);
+        let n = sockets.entry(user).or_default();
+        if *n >= state.limits.sockets_per_user {
+            drop(sockets);
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sockets",
+                "too many open sockets for this user",
+            );
+        }
+        *n += 1;
+    }
+    let limit = state.limits.max_frame_bytes;
+    ws.max_frame_size(limit)
+        .max_message_size(limit)
+        .on_upgrade(move |socket| async move {
+            metrics::gauge!("smolchat_ws_connections").increment(1.0);
+            run(state.clone(), user, socket).await;
+            metrics::gauge!("smolchat_ws_connections").decrement(1.0);
+            if let Some(n) = lock(&state.sockets).get_mut(&user) {
+                *n = n.saturating_sub(1);
+            }
+        })
+        .into_response()
+}
+
+struct Socket {
+    state: Arc<AppState>,
+    user: UserId,
+    out: mpsc::Sender<Outgoing>,
+    subscriptions: HashMap<
+        ConversationId,
+        (
+            ActorRef<SessionMsg>,
+            SubscriberId,
+            tokio::task::JoinHandle<()>,
+        ),
+    >,
+}
+
+async fn run(state: Arc<AppState>, user: UserId, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut outbox) = mpsc::channel::<Outgoing>(OUTBOX);
+    let writer = tokio::spawn(async move {
+        while let Some(o) = outbox.recv().await {
+            let frame = match o {
+                Outgoing::Event(ev) => match serde_json::to_string(&ev) {
+                    Ok(s) => Message::Text(s.into()),
+                    Err(_) => continue,
+                },
+                Outgoing::Close(code, reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    break;
+                }
+            };
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut s = Socket {
+        state: state.clone(),
+        user,
+        out,
+        subscriptions: HashMap::new(),
+    };
+    s.send(ServerEvent::Hello {
+        protocol: PROTOCOL_VERSION,
+        user_id: user.to_string(),
+    })
+    .await;
+    let mut shutdown = state.shutdown.clone();
+    let mut bad_frames = 0usize;
+    loop {
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = shutdown.changed() => {
+                s.close(1001, "server shutting down").await;
+                break;
+            }
+        };
+        let text = match frame {
+            None | Some(Ok(Message::Close(_))) => break,
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                bad_frames += 1;
+                s.send(ServerEvent::error(
+                    "binary_not_supported",
+                    "frames must be JSON text",
+                    None,
+                ))
+                .await;
+                if bad_frames >= state.limits.max_bad_frames {
+                    s.close(1008, "too many bad frames").await;
+                    break;
+                }
+                continue;
+            }
+            Some(Ok(_)) => continue, // ping and pong
+            Some(Err(e)) => {
+                // Oversized frames and invalid UTF-8 end the socket; nothing reaches the store.
+                let text = e.to_string().to_lowercase();
+                let too_big = ["size", "too long", "capacity", "limit"]
+                    .iter()
+                    .any(|w| text.contains(w));
+                tracing::debug!(error = %e, "socket error");
+                if too_big {
+                    s.close(1009, "frame too large").await;
+                } else {
+                    s.close(1007, "invalid frame").await;
+                }
+                break;
+            }
+        };
+        metrics::counter!("smolchat_ws_messages_total").increment(1);
+        match serde_json::from_str::<ClientMessage>(&text) {
+            Ok(msg) => {
+                let rid = msg.request_id().map(str::to_owned);
+                if let Err((code, message)) = s.handle(msg).await {
+                    metrics::counter!("smolchat_errors_total", "code" => code).increment(1);
+                    s.send(ServerEvent::error(code, message, rid.as_deref()))
+                        .await;
+                }
+            }
+            Err(e) => {
+                bad_frames += 1;
+                let msg = e.to_string();
+                let code = if msg.contains("unknown variant") {
+                    "unknown_type"
+                } else if e.is_syntax() || e.is_eof() {
+                    "invalid_json"
+                } else {
+                    "invalid_message"
+                };
+                metrics::counter!("smolchat_errors_total", "code" => code).increment(1);
+                let rid = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| {
+                        v.get("request_id")
+                            .and_then(|r| r.as_str())
+                            .map(str::to_owned)
+                    });
+                s.send(ServerEvent::error(code, msg, rid.as_deref())).await;
+                if bad_frames >= state.limits.max_bad_frames {
+                    s.close(1008, "too many bad frames").await;
+                    break;
+                }
+            }
+        }
+    }
+    for (_, (session, sub, task)) in s.subscriptions.drain() {
+        let _ = session.cast(SessionMsg::Unsubscribe(sub));
+        task.abort();
+    }
+    drop(s);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+impl Socket {
+    async fn send(&self, ev: ServerEvent) {
+        let _ = self.out.send(Outgoing::Event(ev)).await;
+    }
+
+    async fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.out.send(Outgoing::Close(code, reason)).await;
+    }
+
+    async fn session(&self, conv: ConversationId) -> Result<ActorRef<SessionMsg>, Refusal> {
+        match call!(self.state.registry, RegistryMsg::Open, self.user, conv) {
+            Ok(r) => r.map_err(refusal),
+            Err(e) => Err(("internal_error", format!("registry: {e}"))),
+        }
+    }
+
+    async fn handle(&mut self, msg: ClientMessage) -> Result<(), Refusal> {
+        let st = self.state.clone();
+        match msg {
+            ClientMessage::Create {
+                request_id,
+                title,
+                system_prompt,
+                settings,
+                reasoning,
+            } => {
+                let c = st
+                    .store
+                    .create_conversation(
+                        self.user,
+                        title.as_deref().unwrap_or(""),
+                        system_prompt.as_deref().unwrap_or(""),
+                        &settings.unwrap_or_default(),
+                        reasoning.unwrap_or(false),
+                    )
+                    .await
+                    .map_err(store_refusal)?;
+                self.send(ServerEvent::ConversationCreated {
+                    request_id,
+                    conversation: c,
+                })
+                .await;
+            }
+            ClientMessage::Open {
+                conversation_id, ..
+            } => self.open(conversation_id).await?,
+            ClientMessage::Close {
+                request_id,
+                conversation_id,
+            } => {
+                if let Some((session, sub, task)) = self.subscriptions.remove(&conversation_id) {
+                    let _ = session.cast(SessionMsg::Unsubscribe(sub));
+                    task.abort();
+                }
+                self.send(ServerEvent::Ack { request_id }).await;
+            }
+            ClientMessage::Send {
+                request_id,
+                conversation_id,
+                content,
+            } => {
+                self.check_content(&content)?;
+                self.admit_generation(conversation_id).await?;
+                let session = self.session(conversation_id).await?;
+                call!(session, SessionMsg::Send, content)
+                    .map_err(internal)?
+                    .map_err(refusal)?;
+                self.started(conversation_id);
+                self.send(ServerEvent::Ack { request_id }).await;
+            }
+            ClientMessage::Stop {
+                request_id,
+                conversation_id,
+            } => {
+                let session = self.session(conversation_id).await?;
+                call!(session, SessionMsg::Stop).map_err(internal)?;
+                self.send(ServerEvent::Ack { request_id }).await;
+            }
+            ClientMessage::Regenerate {
+                request_id,
+                conversation_id,
+                message_id,
+            } => {
+                self.admit_generation(conversation_id).await?;
+                let session = self.session(conversation_id).await?;
+                call!(session, SessionMsg::Regenerate, message_id)
+                    .map_err(internal)?
+                    .map_err(refusal)?;
+                self.started(conversation_id);
+                self.send(ServerEvent::Ack { request_id }).await;
+            }
+            ClientMessage::Edit {
+                request_id,
+                conversation_id,
+                message_id,
+                content,
+            } => {
+                self.check_content(&content)?;
+                self.admit_generation(conversation_id).await?;
+                let session = self.session(conversation_id).await?;
+                call!(session, SessionMsg::Edit, message_id, content)
+                    .map_err(internal)?
+                    .map_err(refusal)?;
+                self.started(conversation_id);
+                self.send(ServerEvent::Ack { request_id }).await;
+            }
+            ClientMessage::Rename {
+                conversation_id,
+                title,
+                ..
+            } => {
+                let patch = crate::store::ConversationPatch {
+                    title: Some(title),
+                    ..Default::default()
+                };
+                let c = st
+                    .store
+                    .update_conversation(self.user, conversation_id, &patch)
+                    .await
+                    .map_err(store_refusal)?;
+                self.send(ServerEvent::Renamed { conversation: c }).await;
+            }
+            ClientMessage::Delete {
+                conversation_id, ..
+            } => {
+                delete_conversation(&st, self.user, conversation_id)
+                    .await
+                    .map_err(store_refusal)?;
+                if let Some((_, _, task)) = self.subscriptions.remove(&conversation_id) {
+                    task.abort();
+                }
+                self.send(ServerEvent::Deleted { conversation_id }).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn open(&mut self, conv: ConversationId) -> Result<(), Refusal> {
+        if let Some((session, sub, task)) = self.subscriptions.remove(&conv) {
+            let _ = session.cast(SessionMsg::Unsubscribe(sub));
+            task.abort();
+        }
+        let session = self.session(conv).await?;
+        let (tx, mut rx) = mpsc::channel(SUBSCRIPTION);
+        let (sub, snap) = call!(session, SessionMsg::Subscribe, tx)
+            .map_err(internal)?
+            .map_err(refusal)?;
+        self.send(ServerEvent::Snapshot {
+            conversation: snap.conversation,
+            messages: snap.messages,
+            streaming: snap.streaming,
+        })
+        .await;
+        let out = self.out.clone();
+        let task = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                if out
+                    .send(Outgoing::Event(ServerEvent::from_session(conv, ev)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            // The session let go of us (we fell behind, or it stopped): the client reopens.
+            let ev = ServerEvent::Error {
+                code: "subscription_ended".into(),
+                message: "live updates stopped; open the conversation again".into(),
+                request_id: None,
+                conversation_id: Some(conv),
+            };
+            let _ = out.send(Outgoing::Event(ev)).await;
+        });
+        self.subscriptions.insert(conv, (session, sub, task));
+        Ok(())
+    }
+
+    fn check_content(&self, content: &str) -> Result<(), Refusal> {
+        let n = content.chars().count();
+        if n > self.state.limits.max_message_chars {
+            return Err((
+                "message_too_long",
+                format!(
+                    "the message has {n} characters; at most {} are allowed",
+                    self.state.limits.max_message_chars
+                ),
+            ));
+        }
+        if content.contains('\0') {
+            return Err((
+                "invalid_request",
+                "the message contains a NUL character".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Per-user limits on starting generations: messages per minute, and conversations
+    /// generating at once.
+    async fn admit_generation(&self, conv: ConversationId) -> Result<(), Refusal> {
+        let st = &self.state;
+        {
+            let mut sends = lock(&st.sends);
+            let q = sends.entry(self.user).or_default();
+            let now = Instant::now();
+            while q
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+            {
+                q.pop_front();
+            }
+            if q.len() >= st.limits.messages_per_minute {
+                return Err((
+                    "rate_limited",
+                    format!(
+                        "at most {} messages a minute; wait a little",
+                        st.limits.messages_per_minute
+                    ),
+                ));
+            }
+            q.push_back(now);
+        }
+        let others: Vec<ConversationId> = lock(&st.generating)
+            .get(&self.user)
+            .map(|s| s.iter().copied().filter(|c| *c != conv).collect())
+            .unwrap_or_default();
+        let mut still = Vec::new();
+        for c in others {
+            if let Ok(session) = self.session(c).await {
+                if call!(session, SessionMsg::IsGenerating).unwrap_or(false) {
+                    still.push(c);
+                }
+            }
+        }
+        let mut generating = lock(&st.generating);
+        let set = generating.entry(self.user).or_default();
+        set.retain(|c| still.contains(c) || *c == conv);
+        if still.len() >= st.limits.concurrent_generations {
+            return Err((
+                "too_many_generations",
+                format!(
+                    "at most {} answers at once; wait for one to finish",
+                    st.limits.concurrent_generations
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn started(&self, conv: ConversationId) {
+        lock(&self.state.generating)
+            .entry(self.user)
+            .or_default()
+            .insert(conv);
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    ("internal_error", e.to_string())
+}
+
+/// Deletes a conversation after stopping its session (and any generation in it).
+pub async fn delete_conversation(
+    state: &AppState,
+    user: UserId,
+    conv: ConversationId,
+) -> Result<(), StoreError> {
+    if let Ok(Ok(session)) = call!(state.registry, RegistryMsg::Open, user, conv) {
+        let _ = call!(session, SessionMsg::Stop);
+        session.stop(Some("deleted".into()));
+    }
+    state.store.delete_conversation(user, conv).await
+}

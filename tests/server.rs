@@ -1,0 +1,598 @@
+//! The real server on a free loopback port, with a temporary data directory and the real
+//! default model, spoken to like a browser would: HTTP with a cookie, and a WebSocket.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use smolchat::actors::SchedulerConfig;
+use smolchat::engine::Engine;
+use smolchat::server::{Limits, RunningServer, ServerConfig};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn engine() -> Arc<Engine> {
+    static E: std::sync::OnceLock<Arc<Engine>> = std::sync::OnceLock::new();
+    E.get_or_init(|| Arc::new(Engine::load(&common::default_model_path()).unwrap()))
+        .clone()
+}
+
+async fn server(name: &str, scheduler: SchedulerConfig, limits: Limits) -> RunningServer {
+    let dir = std::env::temp_dir().join(format!("smolchat-server-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    smolchat::server::start(ServerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir,
+        engine: engine(),
+        scheduler,
+        limits,
+        allowed_origins: vec![],
+        session_idle: Duration::from_secs(30),
+    })
+    .await
+    .unwrap()
+}
+
+/// A browser: GET / gives it a cookie.
+async fn visitor(addr: SocketAddr) -> String {
+    let r = reqwest::get(format!("http://{addr}/")).await.unwrap();
+    assert!(r.status().is_success());
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .expect("a cookie on first visit")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+async fn connect(addr: SocketAddr, cookie: &str) -> Ws {
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    req.headers_mut()
+        .insert("origin", format!("http://{addr}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let hello = next(&mut ws).await;
+    assert_eq!(hello["type"], "hello");
+    assert_eq!(hello["protocol"], 1);
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// The next JSON event (skipping pings); panics on close or after 60 s.
+async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("an event in time");
+        match m {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Close(c))) => panic!("closed: {c:?}"),
+            Some(Ok(_)) => continue,
+            other => panic!("socket ended: {other:?}"),
+        }
+    }
+}
+
+async fn until(ws: &mut Ws, ty: &str) -> Value {
+    loop {
+        let v = next(ws).await;
+        if v["type"] == ty {
+            return v;
+        }
+    }
+}
+
+/// Collects delta text until `message_done`; returns (text, done message).
+async fn until_done(ws: &mut Ws) -> (String, Value) {
+    let mut text = String::new();
+    loop {
+        let v = next(ws).await;
+        match v["type"].as_str().unwrap() {
+            "delta" => text.push_str(v["text"].as_str().unwrap()),
+            "message_done" => return (text, v["message"].clone()),
+            "error" => panic!("error: {v}"),
+            _ => {}
+        }
+    }
+}
+
+async fn create(ws: &mut Ws, max_tokens: usize) -> String {
+    send(ws, json!({"type":"create","request_id":"c1","settings":{"temperature":0.0,"max_tokens":max_tokens}})).await;
+    let v = until(ws, "conversation_created").await;
+    assert_eq!(v["request_id"], "c1");
+    let id = v["conversation"]["id"].as_str().unwrap().to_owned();
+    send(ws, json!({"type":"open","conversation_id":id})).await;
+    until(ws, "snapshot").await;
+    id
+}
+
+fn limits() -> Limits {
+    Limits {
+        messages_per_minute: 1000,
+        concurrent_generations: 8,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_turn_streams_and_is_listed_by_the_api() {
+    let srv = server("turn", SchedulerConfig::cpu(), limits()).await;
+    let cookie = visitor(srv.addr).await;
+    let mut ws = connect(srv.addr, &cookie).await;
+    let id = create(&mut ws, 24).await;
+    send(&mut ws, json!({"type":"send","request_id":"s1","conversation_id":id,"content":"What is the capital of France?"})).await;
+    let (text, done) = until_done(&mut ws).await;
+    assert_eq!(done["content"], text);
+    assert_eq!(done["status"], "complete");
+    assert!(
+        done["tokens_per_second"].as_f64().unwrap() > 0.0
+            && done["ttft_ms"].as_f64().unwrap() > 0.0
+    );
+
+    let http = reqwest::Client::new();
+    let list: Value = http
+        .get(format!("http://{}/api/conversations", srv.addr))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["conversations"][0]["id"], id.as_str());
+    assert_eq!(
+        list["conversations"][0]["title"],
+        "What is the capital of France?"
+    );
+    let one: Value = http
+        .get(format!("http://{}/api/conversations/{id}", srv.addr))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let msgs = one["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(
+        (msgs[0]["role"].as_str(), msgs[0]["status"].as_str()),
+        (Some("user"), Some("complete"))
+    );
+    assert_eq!(msgs[1]["content"], text);
+    let found: Value = http
+        .get(format!("http://{}/api/conversations?q=capital", srv.addr))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["results"][0]["conversation_id"], id.as_str());
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_gets_the_snapshot_and_two_tabs_see_the_same_answer() {
+    let srv = server("reload", SchedulerConfig::cpu(), limits()).await;
+    let cookie = visitor(srv.addr).await;
+    let mut a = connect(srv.addr, &cookie).await;
+    let id = create(&mut a, 80).await;
+    send(
+        &mut a,
+        json!({"type":"send","conversation_id":id,"content":"Tell me a story about a lighthouse."}),
+    )
+    .await;
+    let mut seen = String::new();
+    while seen.len() < 20 {
+        let v = next(&mut a).await;
+        if v["type"] == "delta" {
+            seen.push_str(v["text"].as_str().unwrap());
+        }
+    }
+    // A reload: a new socket with the same cookie.
+    let mut b = connect(srv.addr, &cookie).await;
+    send(&mut b, json!({"type":"open","conversation_id":id})).await;
+    let snap = until(&mut b, "snapshot").await;
+    let partial = snap["streaming"]["content"].as_str().unwrap().to_owned();
+    assert!(
+        partial.starts_with(&seen),
+        "the snapshot holds what was streamed"
+    );
+    let (rest_b, done_b) = until_done(&mut b).await;
+    let (rest_a, done_a) = until_done(&mut a).await;
+    assert_eq!(
+        format!("{partial}{rest_b}"),
+        done_b["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        format!("{seen}{rest_a}"),
+        done_a["content"].as_str().unwrap()
+    );
+    assert_eq!(done_a, done_b);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_cannot_see_or_touch_each_others_conversations() {
+    let srv = server("users", SchedulerConfig::cpu(), limits()).await;
+    let (alice, mallory) = (visitor(srv.addr).await, visitor(srv.addr).await);
+    assert_ne!(alice, mallory);
+    let mut a = connect(srv.addr, &alice).await;
+    let id = create(&mut a, 8).await;
+    send(
+        &mut a,
+        json!({"type":"rename","conversation_id":id,"title":"alice's"}),
+    )
+    .await;
+    until(&mut a, "renamed").await;
+
+    let mut m = connect(srv.addr, &mallory).await;
+    let missing = uuid::Uuid::new_v4().to_string();
+    for (i, msg) in [
+        json!({"type":"open","conversation_id":id}),
+        json!({"type":"send","conversation_id":id,"content":"hi"}),
+        json!({"type":"stop","conversation_id":id}),
+        json!({"type":"regenerate","conversation_id":id}),
+        json!({"type":"rename","conversation_id":id,"title":"mine"}),
+        json!({"type":"delete","conversation_id":id}),
+        json!({"type":"open","conversation_id":missing}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut msg = msg;
+        msg["request_id"] = json!(format!("m{i}"));
+        send(&mut m, msg).await;
+        let v = next(&mut m).await;
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str()),
+            (Some("error"), Some("not_found")),
+            "{i}: {v}"
+        );
+        assert_eq!(v["request_id"], format!("m{i}"));
+    }
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/api/conversations", srv.addr);
+    let s = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        s(http
+            .get(format!("{base}/{id}"))
+            .header("cookie", &mallory)
+            .send()
+            .await
+            .unwrap()),
+        404
+    );
+    assert_eq!(
+        s(http
+            .get(format!("{base}/{missing}"))
+            .header("cookie", &mallory)
+            .send()
+            .await
+            .unwrap()),
+        404
+    );
+    assert_eq!(
+        s(http
+            .patch(format!("{base}/{id}"))
+            .header("cookie", &mallory)
+            .body(r#"{"title":"x"}"#)
+            .send()
+            .await
+            .unwrap()),
+        404
+    );
+    assert_eq!(
+        s(http
+            .delete(format!("{base}/{id}"))
+            .header("cookie", &mallory)
+            .send()
+            .await
+            .unwrap()),
+        404
+    );
+    let list: Value = http
+        .get(&base)
+        .header("cookie", &mallory)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["conversations"], json!([]));
+    assert_eq!(
+        s(http.get(&base).send().await.unwrap()),
+        401,
+        "no token, no data"
+    );
+    let mine: Value = http
+        .get(format!("{base}/{id}"))
+        .header("cookie", &alice)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["conversation"]["title"], "alice's", "nothing changed");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_the_answer() {
+    let srv = server("stop", SchedulerConfig::cpu(), limits()).await;
+    let cookie = visitor(srv.addr).await;
+    let mut ws = connect(srv.addr, &cookie).await;
+    let id = create(&mut ws, 500).await;
+    send(
+        &mut ws,
+        json!({"type":"send","conversation_id":id,"content":"Write a long essay about bread."}),
+    )
+    .await;
+    until(&mut ws, "delta").await;
+    send(&mut ws, json!({"type":"stop","conversation_id":id})).await;
+    let (_, done) = until_done(&mut ws).await;
+    assert_eq!(done["finish_reason"], "stopped");
+    assert!(done["completion_tokens"].as_i64().unwrap() < 500);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_documented_errors_and_changes_nothing() {
+    let lim = Limits {
+        messages_per_minute: 3,
+        max_bad_frames: 6,
+        ..Limits::default()
+    };
+    let srv = server("bad", SchedulerConfig::cpu(), lim).await;
+    let cookie = visitor(srv.addr).await;
+    let mut ws = connect(srv.addr, &cookie).await;
+    let id = create(&mut ws, 4).await;
+    let cases = [
+        ("{not json", "invalid_json"),
+        (r#"{"type":"launch"}"#, "unknown_type"),
+        (
+            r#"{"type":"send","conversation_id":42,"content":"hi"}"#,
+            "invalid_message",
+        ),
+        (
+            r#"{"type":"send","conversation_id":"not-a-uuid","content":"hi"}"#,
+            "invalid_message",
+        ),
+    ];
+    for (frame, code) in cases {
+        ws.send(Message::Text(frame.into())).await.unwrap();
+        let v = next(&mut ws).await;
+        assert_eq!(
+            (v["type"].as_str(), v["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{frame}: {v}"
+        );
+    }
+    // NUL bytes never reach the store.
+    send(
+        &mut ws,
+        json!({"type":"send","conversation_id":id,"content":"a\u{0}b"}),
+    )
+    .await;
+    assert_eq!(until(&mut ws, "error").await["code"], "invalid_request");
+    // Too long a message.
+    send(
+        &mut ws,
+        json!({"type":"send","conversation_id":id,"content":"x".repeat(20_000)}),
+    )
+    .await;
+    assert_eq!(until(&mut ws, "error").await["code"], "message_too_long");
+    // The socket still works, and a flood meets the rate limit.
+    let mut codes = Vec::new();
+    for i in 0..5 {
+        send(
+            &mut ws,
+            json!({"type":"send","request_id":format!("f{i}"),"conversation_id":id,"content":"hi"}),
+        )
+        .await;
+        loop {
+            let v = next(&mut ws).await;
+            if v["request_id"] == format!("f{i}") {
+                codes.push(v["code"].as_str().unwrap_or("ok").to_owned());
+                break;
+            }
+        }
+    }
+    assert!(codes.contains(&"rate_limited".to_owned()), "{codes:?}");
+    let http = reqwest::Client::new();
+    let conv: Value = http
+        .get(format!("http://{}/api/conversations/{id}", srv.addr))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(conv["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| !m["content"].as_str().unwrap().contains('\u{0}')));
+
+    // Repeated abuse closes with 1008.
+    let mut abuser = connect(srv.addr, &cookie).await;
+    let mut closed = None;
+    for _ in 0..10 {
+        if abuser.send(Message::Text("nope".into())).await.is_err() {
+            break;
+        }
+    }
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), abuser.next()).await {
+        if let Ok(Message::Close(c)) = m {
+            closed = c.map(|c| u16::from(c.code));
+            break;
+        }
+    }
+    assert_eq!(closed, Some(1008));
+
+    // An oversized frame closes with 1009.
+    let mut big = connect(srv.addr, &cookie).await;
+    let _ = big.send(Message::Text("x".repeat(300 * 1024).into())).await;
+    let mut code = None;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), big.next()).await {
+        if let Ok(Message::Close(c)) = m {
+            code = c.map(|c| u16::from(c.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1009));
+
+    // An abrupt disconnect mid-stream: the server goes on serving, the answer is stored.
+    // (Another user: this one has used up its messages for the minute.)
+    let cookie = visitor(srv.addr).await;
+    let mut quitter = connect(srv.addr, &cookie).await;
+    let id2 = create(&mut quitter, 16).await;
+    send(
+        &mut quitter,
+        json!({"type":"send","conversation_id":id2,"content":"Hi there"}),
+    )
+    .await;
+    until(&mut quitter, "delta").await;
+    drop(quitter);
+    let mut again = connect(srv.addr, &cookie).await;
+    send(&mut again, json!({"type":"open","conversation_id":id2})).await;
+    let snap = until(&mut again, "snapshot").await;
+    assert_eq!(snap["messages"][0]["content"], "Hi there");
+    assert_eq!(
+        reqwest::get(format!("http://{}/healthz", srv.addr))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_origin_upgrade_is_refused() {
+    let srv = server("origin", SchedulerConfig::cpu(), limits()).await;
+    let cookie = visitor(srv.addr).await;
+    let mut req = format!("ws://{}/ws", srv.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    req.headers_mut()
+        .insert("origin", "http://evil.example".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    let req = format!("ws://{}/ws", srv.addr)
+        .into_client_request()
+        .unwrap();
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("401"), "no token: {err}");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_goes_503_while_the_queue_is_full_and_metrics_count() {
+    let sched = SchedulerConfig {
+        max_running: 1,
+        max_queue: 1,
+        ..SchedulerConfig::cpu()
+    };
+    let srv = server("ready", sched, limits()).await;
+    let url = |p: &str| format!("http://{}{p}", srv.addr);
+    assert_eq!(reqwest::get(url("/readyz")).await.unwrap().status(), 200);
+    let cookie = visitor(srv.addr).await;
+    let mut ws = connect(srv.addr, &cookie).await;
+    let a = create(&mut ws, 400).await;
+    let b = create(&mut ws, 400).await;
+    send(
+        &mut ws,
+        json!({"type":"send","conversation_id":a,"content":"Write a long story."}),
+    )
+    .await;
+    until(&mut ws, "delta").await;
+    send(
+        &mut ws,
+        json!({"type":"send","conversation_id":b,"content":"Write another long story."}),
+    )
+    .await;
+    until(&mut ws, "message_started").await;
+    assert_eq!(reqwest::get(url("/readyz")).await.unwrap().status(), 503);
+    ws.send(Message::Text("{oops".into())).await.unwrap();
+    until(&mut ws, "error").await;
+    send(&mut ws, json!({"type":"stop","conversation_id":a})).await;
+    send(&mut ws, json!({"type":"stop","conversation_id":b})).await;
+
+    let text = reqwest::get(url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (name, value) = line.rsplit_once(' ').expect("name value");
+        assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
+        assert!(name.chars().next().unwrap().is_ascii_alphabetic(), "{line}");
+    }
+    assert!(text.contains("smolchat_ws_messages_total"), "{text}");
+    assert!(
+        text.contains("smolchat_errors_total{code=\"invalid_json\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("smolchat_model_decode_tokens_total"),
+        "{text}"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_sockets_with_1001_and_keeps_the_partial_answer() {
+    let srv = server("shutdown", SchedulerConfig::cpu(), limits()).await;
+    let cookie = visitor(srv.addr).await;
+    let mut ws = connect(srv.addr, &cookie).await;
+    let id = create(&mut ws, 2000).await;
+    send(
+        &mut ws,
+        json!({"type":"send","conversation_id":id,"content":"Write a very long story."}),
+    )
+    .await;
+    for _ in 0..5 {
+        until(&mut ws, "delta").await;
+    }
+    let store = srv.store.clone();
+    let started = std::time::Instant::now();
+    srv.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let mut code = None;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        if let Ok(Message::Close(c)) = m {
+            code = c.map(|c| u16::from(c.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1001));
+    let n = store.recover_interrupted().await.unwrap();
+    assert_eq!(n, 0, "nothing is left streaming after shutdown");
+}
