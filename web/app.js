@@ -1,1 +1,332 @@
+// smolchat's page: one module, no build step. It speaks docs/PROTOCOL.md over one WebSocket,
+// renders model output as markdown through marked and sanitizes it with DOMPurify (model
+// output is untrusted), and survives reloads and reconnects by asking for a snapshot.
+import { marked } from "/vendor/marked.esm.js";
+import DOMPurify from "/vendor/purify.es.mjs";
 
+const $ = (id) => document.getElementById(id);
+const state = {
+  ws: null,
+  backoff: 500,
+  current: location.hash.slice(1) || null,
+  conversation: null,
+  messages: [],
+  pendingText: null,
+  thinkingSince: {},
+};
+
+function status(text) { $("status").textContent = text; }
+
+function notice(text, isError = false) {
+  const n = $("notice");
+  n.hidden = !text;
+  n.textContent = text || "";
+  n.classList.toggle("error", isError);
+}
+
+function send(msg) {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) {
+    state.ws.send(JSON.stringify(msg));
+    return true;
+  }
+  notice("Not connected yet — trying again in a moment.", true);
+  return false;
+}
+
+function connect() {
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${proto}//${location.host}/ws`);
+  state.ws = ws;
+  status("connecting…");
+  ws.onopen = () => {
+    state.backoff = 500;
+    status("connected");
+    if (state.current) send({ type: "open", conversation_id: state.current });
+  };
+  ws.onmessage = (e) => handle(JSON.parse(e.data));
+  ws.onclose = () => {
+    status("reconnecting…");
+    setTimeout(connect, state.backoff);
+    state.backoff = Math.min(state.backoff * 2, 10000);
+  };
+}
+
+const friendly = {
+  busy: "The server is busy right now. Try again in a moment.",
+  rate_limited: "You are sending messages quickly — wait a few seconds.",
+  too_many_generations: "Another answer of yours is still being written; wait for it to finish.",
+  already_generating: "An answer is still being written here; stop it or wait.",
+  message_too_long: "That message is too long.",
+  not_found: "This conversation does not exist (any more).",
+};
+
+function handle(ev) {
+  const mine = ev.conversation_id === undefined || ev.conversation_id === state.current;
+  switch (ev.type) {
+    case "conversation_created":
+      openConversation(ev.conversation.id);
+      refreshList();
+      break;
+    case "snapshot":
+      if (ev.conversation.id !== state.current) break;
+      state.conversation = ev.conversation;
+      state.messages = ev.messages;
+      if (ev.streaming) {
+        const m = state.messages.find((x) => x.id === ev.streaming.message_id);
+        if (m) Object.assign(m, { content: ev.streaming.content, reasoning: ev.streaming.reasoning, status: "streaming" });
+      }
+      $("title").textContent = ev.conversation.title || "New chat";
+      fillSettings();
+      renderAll();
+      if (state.pendingText) {
+        const content = state.pendingText;
+        state.pendingText = null;
+        send({ type: "send", conversation_id: state.current, content });
+      }
+      break;
+    case "user_message":
+    case "message_started":
+      if (!mine) break;
+      state.messages.push(ev.message);
+      if (ev.type === "message_started") state.thinkingSince[ev.message.id] = Date.now();
+      notice("");
+      renderAll();
+      break;
+    case "delta": {
+      if (!mine) break;
+      const m = state.messages.find((x) => x.id === ev.message_id);
+      if (!m) break;
+      if (ev.channel === "reasoning") m.reasoning += ev.text;
+      else {
+        if (!m.content && m.reasoning) m.thoughtSeconds = secondsSince(m.id);
+        m.content += ev.text;
+      }
+      renderMessage(m);
+      break;
+    }
+    case "message_done": {
+      if (!mine) break;
+      const i = state.messages.findIndex((x) => x.id === ev.message.id);
+      const thought = i >= 0 ? state.messages[i].thoughtSeconds : undefined;
+      if (i >= 0) state.messages[i] = { ...ev.message, thoughtSeconds: thought };
+      renderAll();
+      refreshList();
+      break;
+    }
+    case "busy":
+      if (mine) notice(`The server is busy: ${ev.queue_len} ahead of you. Try again in a moment.`, true);
+      break;
+    case "notice":
+      if (mine) notice(ev.text);
+      break;
+    case "renamed":
+      if (ev.conversation.id === state.current) $("title").textContent = ev.conversation.title;
+      refreshList();
+      break;
+    case "deleted":
+      if (ev.conversation_id === state.current) openConversation(null);
+      refreshList();
+      break;
+    case "error":
+      if (ev.code === "subscription_ended" && ev.conversation_id === state.current) {
+        send({ type: "open", conversation_id: state.current });
+        break;
+      }
+      if (mine) notice(friendly[ev.code] || ev.message, true);
+      break;
+  }
+}
+
+function secondsSince(id) {
+  const t = state.thinkingSince[id];
+  return t ? Math.max(1, Math.round((Date.now() - t) / 1000)) : undefined;
+}
+
+function renderAll() {
+  const list = $("messages");
+  list.replaceChildren(...state.messages.map(messageElement));
+  const generating = state.messages.some((m) => m.status === "streaming");
+  $("stop").hidden = !generating;
+  $("send").hidden = generating;
+  list.scrollTop = list.scrollHeight;
+}
+
+function renderMessage(m) {
+  const old = document.querySelector(`[data-id="${m.id}"]`);
+  const list = $("messages");
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  if (old) old.replaceWith(messageElement(m));
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function markdown(text) {
+  const html = DOMPurify.sanitize(marked.parse(text), { USE_PROFILES: { html: true } });
+  const div = document.createElement("div");
+  div.innerHTML = html;
+  for (const pre of div.querySelectorAll("pre")) {
+    const b = document.createElement("button");
+    b.className = "copy";
+    b.textContent = "Copy";
+    b.onclick = () => navigator.clipboard?.writeText(pre.innerText.replace(/Copy$/, "")).then(() => (b.textContent = "Copied"));
+    pre.append(b);
+  }
+  for (const a of div.querySelectorAll("a")) {
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+  }
+  return div;
+}
+
+function messageElement(m) {
+  const li = document.createElement("li");
+  li.className = `msg ${m.role} ${m.status}`;
+  li.dataset.id = m.id;
+  const streaming = m.status === "streaming";
+  if (m.role === "assistant" && m.reasoning) {
+    const d = document.createElement("details");
+    d.className = "reasoning";
+    d.open = streaming && !m.content;
+    const s = document.createElement("summary");
+    s.textContent = streaming && !m.content ? "Thinking…" : `Thought for ${m.thoughtSeconds || "a few"} s`;
+    d.append(s, document.createTextNode(m.reasoning));
+    li.append(d);
+  }
+  const body = document.createElement("div");
+  body.className = "body";
+  if (m.role === "user") body.textContent = m.content;
+  else body.append(markdown(m.content));
+  if (streaming) body.classList.add("cursor");
+  li.append(body);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  if (m.role === "assistant" && !streaming) {
+    if (m.tokens_per_second) meta.append(span(`${m.tokens_per_second.toFixed(1)} tokens/s`));
+    if (m.ttft_ms) meta.append(span(`first token ${Math.round(m.ttft_ms)} ms`));
+    if (m.finish_reason === "stopped") meta.append(span("stopped"));
+    if (m.finish_reason === "length") meta.append(span("cut at the length limit"));
+    if (m.status === "interrupted") meta.append(span("interrupted (the server restarted)"));
+    if (m.status === "error") meta.append(span(m.error || "failed"));
+    meta.append(button("Regenerate", () => send({ type: "regenerate", conversation_id: state.current, message_id: m.id })));
+  }
+  if (m.role === "user") {
+    meta.append(button("Edit", () => {
+      const text = prompt("Edit your message", m.content);
+      if (text && text.trim()) send({ type: "edit", conversation_id: state.current, message_id: m.id, content: text });
+    }));
+  }
+  li.append(meta);
+  return li;
+}
+
+function span(text) { const s = document.createElement("span"); s.textContent = text; return s; }
+function button(text, onclick) { const b = document.createElement("button"); b.textContent = text; b.onclick = onclick; return b; }
+
+async function refreshList() {
+  const r = await fetch("/api/conversations");
+  if (!r.ok) return;
+  const { conversations } = await r.json();
+  const current = conversations.find((c) => c.id === state.current);
+  if (current) $("title").textContent = current.title || "New chat";
+  $("conversations").replaceChildren(...conversations.map((c) => {
+    const li = document.createElement("li");
+    li.textContent = c.title || "New chat";
+    li.dataset.id = c.id;
+    if (c.id === state.current) li.classList.add("active");
+    li.onclick = () => openConversation(c.id);
+    return li;
+  }));
+}
+
+function openConversation(id) {
+  if (state.current && state.current !== id) send({ type: "close", conversation_id: state.current });
+  state.current = id;
+  state.messages = [];
+  history.replaceState(null, "", id ? `#${id}` : "#");
+  notice("");
+  document.body.classList.remove("show-sidebar");
+  $("title").textContent = id ? "…" : "smolchat";
+  renderAll();
+  if (id) send({ type: "open", conversation_id: id });
+  for (const li of $("conversations").children) li.classList.toggle("active", li.dataset.id === id);
+}
+
+function fillSettings() {
+  const c = state.conversation;
+  $("system-prompt").value = c.system_prompt;
+  $("temperature").value = c.settings.temperature;
+  $("reasoning").checked = c.reasoning;
+}
+
+$("composer").onsubmit = (e) => {
+  e.preventDefault();
+  const content = $("input").value;
+  if (!content.trim()) return;
+  if (!state.current) {
+    state.pendingText = content;
+    send({ type: "create" });
+  } else if (!send({ type: "send", conversation_id: state.current, content })) {
+    return;
+  }
+  $("input").value = "";
+};
+$("input").onkeydown = (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $("composer").requestSubmit();
+  }
+};
+$("stop").onclick = () => send({ type: "stop", conversation_id: state.current });
+$("new-chat").onclick = () => send({ type: "create" });
+$("rename").onclick = () => {
+  if (!state.current) return;
+  const title = prompt("New title", $("title").textContent);
+  if (title && title.trim()) send({ type: "rename", conversation_id: state.current, title: title.trim() });
+};
+$("delete").onclick = () => {
+  if (state.current && confirm("Delete this conversation? This cannot be undone.")) {
+    send({ type: "delete", conversation_id: state.current });
+  }
+};
+$("settings-toggle").onclick = () => { $("settings").hidden = !$("settings").hidden; };
+$("toggle-sidebar").onclick = () => document.body.classList.toggle("show-sidebar");
+$("save-settings").onclick = async () => {
+  if (!state.current) return;
+  const settings = { ...state.conversation.settings, temperature: Number($("temperature").value) };
+  const r = await fetch(`/api/conversations/${state.current}`, {
+    method: "PATCH",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ system_prompt: $("system-prompt").value, settings, reasoning: $("reasoning").checked }),
+  });
+  if (r.ok) {
+    state.conversation = await r.json();
+    notice("Settings saved.");
+  } else {
+    notice((await r.json()).message, true);
+  }
+};
+let searchTimer;
+$("search").oninput = () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(async () => {
+    const q = $("search").value.trim();
+    const results = $("search-results");
+    results.hidden = !q;
+    $("conversations").hidden = !!q;
+    if (!q) return;
+    const r = await fetch(`/api/conversations?q=${encodeURIComponent(q)}`);
+    const { results: hits } = await r.json();
+    results.replaceChildren(...hits.map((h) => {
+      const li = document.createElement("li");
+      li.textContent = h.title || "New chat";
+      const small = document.createElement("small");
+      small.textContent = h.snippet;
+      li.append(small);
+      li.onclick = () => { $("search").value = ""; $("search").oninput(); openConversation(h.conversation_id); };
+      return li;
+    }));
+    if (!hits.length) results.replaceChildren(span("No messages found."));
+  }, 250);
+};
+
+refreshList();
+connect();

@@ -456,6 +456,7 @@ impl SessionState {
                 temperature: conv.settings.temperature,
                 top_p: conv.settings.top_p,
                 min_p: conv.settings.min_p,
+                repetition_penalty: conv.settings.repetition_penalty,
                 seed: rand_seed(),
                 ..Default::default()
             },

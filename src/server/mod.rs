@@ -190,6 +190,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/", get(rest::index))
         .route("/app.js", get(rest::app_js))
         .route("/style.css", get(rest::style_css))
+        .route("/vendor/marked.esm.js", get(rest::marked_js))
+        .route("/vendor/purify.es.mjs", get(rest::purify_js))
         .route("/ws", get(ws::upgrade))
         .route("/api/conversations", get(rest::list).post(rest::create))
         .route(

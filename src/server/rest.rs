@@ -18,6 +18,9 @@ use crate::store::{ConversationId, ConversationPatch, Settings, StoreError, User
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
+/// Pinned npm packages, vendored: marked 18.2.1 (markdown) and DOMPurify 3.4.18 (sanitizer).
+const MARKED_JS: &str = include_str!("../../web/vendor/marked.esm.js");
+const PURIFY_JS: &str = include_str!("../../web/vendor/purify.es.mjs");
 
 /// A JSON error with a stable code.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -83,6 +86,22 @@ pub async fn app_js() -> Response {
             (CACHE_CONTROL, "no-cache"),
         ],
         APP_JS,
+    )
+        .into_response()
+}
+
+pub async fn marked_js() -> Response {
+    (
+        [(CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        MARKED_JS,
+    )
+        .into_response()
+}
+
+pub async fn purify_js() -> Response {
+    (
+        [(CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        PURIFY_JS,
     )
         .into_response()
 }

@@ -101,6 +101,8 @@ pub struct Settings {
     pub temperature: f32,
     pub top_p: f32,
     pub min_p: f32,
+    /// >1 makes recently used tokens less likely (small models loop without it).
+    pub repetition_penalty: f32,
     pub max_tokens: usize,
 }
 
@@ -110,6 +112,7 @@ impl Default for Settings {
             temperature: 0.7,
             top_p: 0.95,
             min_p: 0.05,
+            repetition_penalty: 1.1,
             max_tokens: 512,
         }
     }
@@ -122,6 +125,9 @@ impl Settings {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0 && (0.0..=1.0).contains(&self.min_p)) {
             return Err("top_p must be in (0, 1] and min_p in [0, 1]".into());
+        }
+        if !(1.0..=2.0).contains(&self.repetition_penalty) {
+            return Err("repetition_penalty must be between 1 and 2".into());
         }
         if !(1..=8192).contains(&self.max_tokens) {
             return Err("max_tokens must be between 1 and 8192".into());

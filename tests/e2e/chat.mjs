@@ -1,0 +1,162 @@
+// The smolchat page in a real headless Chromium (Debian's), driven by playwright-core.
+// Usage: node chat.mjs BASE_URL XSS_TOKEN XSS_CONVERSATION_ID ARTIFACT_DIR
+// Prints "N passed, M failed" at the end and exits non-zero on any failure.
+import { chromium } from "playwright-core";
+import { mkdirSync } from "node:fs";
+
+const [base, xssToken, xssConversation, artifacts] = process.argv.slice(2);
+mkdirSync(artifacts, { recursive: true });
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+
+let passed = 0, failed = 0;
+async function check(name, fn) {
+  try {
+    await fn();
+    passed++;
+    console.log(`ok - ${name}`);
+  } catch (e) {
+    failed++;
+    console.log(`FAILED - ${name}: ${e.stack || e}`);
+  }
+}
+function assert(cond, msg) { if (!cond) throw new Error(msg); }
+const shot = (page, name) => page.screenshot({ path: `${artifacts}/${name}.png`, fullPage: true });
+const lastAnswer = (page) => page.locator("li.msg.assistant .body").last();
+
+async function newUser() {
+  const ctx = await browser.newContext({ viewport: { width: 1100, height: 760 } });
+  const page = await ctx.newPage();
+  page.on("dialog", (d) => d.accept(page.__dialogAnswer ?? undefined));
+  await page.goto(base);
+  await page.waitForSelector("#status:has-text('connected')");
+  return { ctx, page };
+}
+
+async function ask(page, text) {
+  await page.fill("#input", text);
+  await page.press("#input", "Enter");
+}
+
+const alice = await newUser();
+const { page } = alice;
+
+await check("a message streams in and is answered", async () => {
+  await ask(page, "What is the capital of France?");
+  await page.waitForSelector("li.msg.user >> text=What is the capital of France?");
+  await page.waitForSelector("li.msg.assistant.streaming", { timeout: 30000 });
+  await shot(page, "01-streaming");
+  await page.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
+  const text = await lastAnswer(page).innerText();
+  assert(text.trim().length > 0, "an answer");
+  const meta = await page.locator("li.msg.assistant .meta").last().innerText();
+  assert(/tokens\/s/.test(meta) && /first token/.test(meta), `speed shown: ${meta}`);
+  await page.waitForSelector("#conversations li >> text=What is the capital of France?");
+  await shot(page, "02-answered");
+});
+
+await check("a reload mid-answer shows what was written and goes on", async () => {
+  await page.evaluate(() => { document.querySelector("#settings-toggle").click(); });
+  await ask(page, "Write a long story about a lighthouse keeper and a storm.");
+  await page.waitForFunction(() => {
+    const b = [...document.querySelectorAll("li.msg.assistant.streaming .body")].pop();
+    return b && b.innerText.length > 40;
+  }, null, { timeout: 60000 });
+  const before = await lastAnswer(page).innerText();
+  await page.reload();
+  await page.waitForSelector("li.msg.assistant", { timeout: 30000 });
+  const after = await lastAnswer(page).innerText();
+  assert(after.length >= before.length - 2, `kept what was written (${after.length} < ${before.length})`);
+  await shot(page, "03-after-reload");
+  await page.waitForFunction((n) => {
+    const b = [...document.querySelectorAll("li.msg.assistant .body")].pop();
+    return b && b.innerText.length > n;
+  }, before.length + 20, { timeout: 60000 });
+});
+
+await check("stop ends the answer", async () => {
+  await page.waitForSelector("#stop", { state: "visible" }).catch(() => {});
+  if (await page.isVisible("#stop")) {
+    await page.click("#stop");
+  } else {
+    await ask(page, "Write a very long essay about bread.");
+    await page.waitForSelector("#stop", { state: "visible" });
+    await page.click("#stop");
+  }
+  await page.waitForSelector("li.msg.assistant .meta >> text=stopped", { timeout: 30000 });
+  assert(await page.isHidden("#stop"), "stop button gone");
+  await shot(page, "04-stopped");
+});
+
+await check("rename, search and delete work", async () => {
+  page.__dialogAnswer = "Paris questions";
+  await page.click("#rename");
+  await page.waitForSelector("#conversations li >> text=Paris questions");
+  page.__dialogAnswer = undefined;
+  await page.fill("#search", "lighthouse");
+  await page.waitForSelector("#search-results li >> text=Paris questions");
+  await shot(page, "05-search");
+  await page.fill("#search", "");
+  await page.dispatchEvent("#search", "input");
+  const before = await page.locator("#conversations li").count();
+  await page.click("#delete");
+  await page.waitForFunction((n) => document.querySelectorAll("#conversations li").length === n - 1, before);
+});
+
+await check("another user sees none of the first user's conversations", async () => {
+  const bob = await newUser();
+  await ask(alice.page, "Remember the word pineapple.");
+  await alice.page.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
+  await bob.page.reload();
+  await bob.page.waitForSelector("#status:has-text('connected')");
+  assert((await bob.page.locator("#conversations li").count()) === 0, "bob's list is empty");
+  await bob.page.fill("#search", "pineapple");
+  await bob.page.waitForSelector("#search-results >> text=No messages found.");
+  await shot(bob.page, "06-other-user");
+  await bob.ctx.close();
+});
+
+await check("markdown from the model renders inert: no script, no handler, no javascript: link", async () => {
+  const ctx = await browser.newContext();
+  await ctx.addCookies([{ name: "smolchat_token", value: xssToken, url: base }]);
+  const p = await ctx.newPage();
+  let dialogs = 0;
+  p.on("dialog", (d) => { dialogs++; d.dismiss(); });
+  await p.goto(`${base}/#${xssConversation}`);
+  await p.waitForSelector("li.msg.assistant .body >> text=Here is a table");
+  await p.waitForTimeout(500);
+  const report = await p.evaluate(() => {
+    const body = [...document.querySelectorAll("li.msg.assistant .body")].pop();
+    return {
+      onerror: body.querySelectorAll("[onerror],[onclick],[onload]").length,
+      scripts: body.querySelectorAll("script").length,
+      jsLinks: [...body.querySelectorAll("a")].filter((a) => (a.getAttribute("href") || "").toLowerCase().startsWith("javascript")).length,
+      pwned: window.__pwned === true,
+      code: body.querySelectorAll("pre button.copy").length,
+      bold: body.querySelectorAll("strong").length,
+    };
+  });
+  assert(report.onerror === 0 && report.scripts === 0 && report.jsLinks === 0, JSON.stringify(report));
+  assert(!report.pwned && dialogs === 0, "no script ran");
+  assert(report.code === 1 && report.bold === 1, `markdown rendered: ${JSON.stringify(report)}`);
+  await shot(p, "07-sanitized");
+  await ctx.close();
+});
+
+await check("phone-sized screen and dark mode", async () => {
+  const ctx = await browser.newContext({ viewport: { width: 390, height: 800 }, colorScheme: "dark" });
+  const p = await ctx.newPage();
+  await p.goto(base);
+  await p.waitForSelector("#status:has-text('connected')");
+  assert(await p.isVisible("#toggle-sidebar"), "menu button on a phone");
+  assert(await p.isVisible("#input"), "composer visible");
+  await shot(p, "08-phone-dark");
+  await ctx.close();
+});
+
+await browser.close();
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
