@@ -315,3 +315,70 @@ fn check_smollm2(model: &Model, tol: f32, gap_min: f64) {
         }
     }
 }
+
+#[test]
+fn smollm3_template_follows_enable_thinking_and_system_flags() {
+    let engine = Engine::load(&data("tiny-smollm3/tiny-smollm3-q8_0.gguf")).unwrap();
+    let user = [ChatMessage::new("user", "Hi")];
+    let on = engine.render_chat(&user, true, Some(true)).unwrap().0;
+    let off = engine.render_chat(&user, true, Some(false)).unwrap().0;
+    let default = engine.render_chat(&user, true, None).unwrap().0;
+    assert!(on.contains("Reasoning Mode: /think"), "{on}");
+    assert!(off.contains("Reasoning Mode: /no_think"), "{off}");
+    assert_eq!(default, on, "the template's own default is thinking on");
+    // A `/no_think` flag in the system prompt wins over enable_thinking, and is removed.
+    let flagged = [ChatMessage::new("system", "Be terse. /no_think"), ChatMessage::new("user", "Hi")];
+    let text = engine.render_chat(&flagged, true, Some(true)).unwrap().0;
+    assert!(text.contains("Reasoning Mode: /no_think") && text.contains("Be terse.") && !text.contains("terse. /no_think"), "{text}");
+    // `strftime_now` is used by the real template for the date line.
+    assert!(text.contains("Today Date:") || text.contains("Knowledge Cutoff"), "{text}");
+}
+
+#[test]
+fn a_tokenizer_json_beside_the_model_is_used_and_agrees() {
+    let from_gguf = &common::default_engine().tokenizer;
+    let dir = std::env::temp_dir().join(format!("smolchat-tokjson-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("model.gguf");
+    let _ = std::fs::remove_file(&model);
+    std::os::unix::fs::symlink(common::default_model_path(), &model).unwrap();
+    from_gguf.save_json(&dir.join("tokenizer.json")).unwrap();
+    let engine = Engine::load(&model).unwrap();
+    for case in jsonl("smollm2/tokenizer_cases.jsonl") {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(engine.tokenizer.encode(text, true).unwrap(), ids(&case["parse_special"]["ids"]), "{text}");
+        assert_eq!(engine.tokenizer.encode(text, false).unwrap(), ids(&case["no_parse_special"]["ids"]), "{text}");
+    }
+}
+
+#[test]
+fn the_streaming_detokenizer_never_splits_a_character_and_the_splitter_finds_think_tags() {
+    use smolchat::engine::reasoning::{Channel, ReasoningSplitter};
+    use smolchat::engine::tokenizer::StreamDecoder;
+    let tok = &common::default_engine().tokenizer;
+    let text = "Café 🦉 naïve — <think>why?</think>Answer: 42 ✓";
+    let ids = tok.encode(text, false).unwrap();
+    let mut dec = StreamDecoder::default();
+    let mut split = ReasoningSplitter::new(tok, false);
+    let (mut out, mut reasoning, mut answer) = (String::new(), String::new(), String::new());
+    for &id in &ids {
+        let piece = dec.push(tok, id);
+        assert!(std::str::from_utf8(piece.as_bytes()).is_ok());
+        out.push_str(&piece);
+        for (ch, t) in split.push(id, &piece) {
+            match ch {
+                Channel::Reasoning => reasoning.push_str(&t),
+                Channel::Answer => answer.push_str(&t),
+            }
+        }
+    }
+    for (ch, t) in split.flush() {
+        match ch {
+            Channel::Reasoning => reasoning.push_str(&t),
+            Channel::Answer => answer.push_str(&t),
+        }
+    }
+    assert_eq!(out + &dec.finish(), text);
+    assert_eq!(reasoning, "why?");
+    assert_eq!(answer, "Café 🦉 naïve — Answer: 42 ✓");
+}

@@ -51,7 +51,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| -> String {
             chrono::Local::now().format(&fmt).to_string()
         });
-        env.add_template_owned(NAME, source.to_owned())
+        env.add_template_owned(NAME, hf_extensions(source))
             .map_err(|e| TemplateError::Compile(e.to_string()))?;
         Ok(Self {
             env,
@@ -93,8 +93,43 @@ impl ChatTemplate {
     }
 }
 
+/// Hugging Face's `{% generation %}…{% endgeneration %}` (it marks assistant tokens for
+/// training masks; SmolLM3's template uses it) renders its body as it is: it becomes an
+/// `{% if true %}…{% endif %}` with the same whitespace control.
+fn hf_extensions(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else { break };
+        let inner = &tag[2..end];
+        let (lead, body, trail) = (inner.starts_with('-'), inner.trim_matches(|c: char| c == '-' || c.is_whitespace()), inner.ends_with('-'));
+        let replacement = match body {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => {
+                out.push_str(&format!("{{%{} {r} {}%}}", if lead { "-" } else { "" }, if trail { "-" } else { "" }));
+            }
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn generation_blocks_render_their_body() {
+        let t = super::ChatTemplate::new("a{%- generation -%} b {%- endgeneration %}c{% if true %}d{% endif %}", "", "").unwrap();
+        assert_eq!(t.render(&[], false, None).unwrap(), "abcd");
+    }
+
     use super::*;
 
     #[test]

@@ -166,6 +166,11 @@ impl Tokenizer {
         })
     }
 
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save_json(&self, path: &Path) -> Result<(), TokenizerError> {
+        self.with_special.save(path, false).map_err(|e| TokenizerError::Build(e.to_string()))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.token_bytes.len()
     }
