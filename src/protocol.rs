@@ -72,6 +72,14 @@ pub enum ClientMessage {
         conversation_id: ConversationId,
         title: String,
     },
+    /// Shows the branch through `message_id` (a sibling answer or edit); answered by a new
+    /// `snapshot` (and `branch_changed` to other tabs).
+    SelectBranch {
+        #[serde(default)]
+        request_id: Option<String>,
+        conversation_id: ConversationId,
+        message_id: MessageId,
+    },
     Delete {
         #[serde(default)]
         request_id: Option<String>,
@@ -90,6 +98,7 @@ impl ClientMessage {
             | ClientMessage::Regenerate { request_id, .. }
             | ClientMessage::Edit { request_id, .. }
             | ClientMessage::Rename { request_id, .. }
+            | ClientMessage::SelectBranch { request_id, .. }
             | ClientMessage::Delete { request_id, .. } => request_id.as_deref(),
         }
     }
@@ -115,6 +124,10 @@ pub enum ServerEvent {
         conversation: Conversation,
         messages: Vec<Message>,
         streaming: Option<Partial>,
+        siblings: std::collections::HashMap<MessageId, Vec<MessageId>>,
+    },
+    BranchChanged {
+        conversation_id: ConversationId,
     },
     UserMessage {
         conversation_id: ConversationId,
@@ -200,6 +213,7 @@ impl ServerEvent {
                 conversation_id,
                 text,
             },
+            SessionEvent::BranchChanged => ServerEvent::BranchChanged { conversation_id },
             SessionEvent::Error { code, message } => ServerEvent::Error {
                 code,
                 message,

@@ -327,11 +327,22 @@ fn smollm3_template_follows_enable_thinking_and_system_flags() {
     assert!(off.contains("Reasoning Mode: /no_think"), "{off}");
     assert_eq!(default, on, "the template's own default is thinking on");
     // A `/no_think` flag in the system prompt wins over enable_thinking, and is removed.
-    let flagged = [ChatMessage::new("system", "Be terse. /no_think"), ChatMessage::new("user", "Hi")];
+    let flagged = [
+        ChatMessage::new("system", "Be terse. /no_think"),
+        ChatMessage::new("user", "Hi"),
+    ];
     let text = engine.render_chat(&flagged, true, Some(true)).unwrap().0;
-    assert!(text.contains("Reasoning Mode: /no_think") && text.contains("Be terse.") && !text.contains("terse. /no_think"), "{text}");
+    assert!(
+        text.contains("Reasoning Mode: /no_think")
+            && text.contains("Be terse.")
+            && !text.contains("terse. /no_think"),
+        "{text}"
+    );
     // `strftime_now` is used by the real template for the date line.
-    assert!(text.contains("Today Date:") || text.contains("Knowledge Cutoff"), "{text}");
+    assert!(
+        text.contains("Today Date:") || text.contains("Knowledge Cutoff"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -346,8 +357,16 @@ fn a_tokenizer_json_beside_the_model_is_used_and_agrees() {
     let engine = Engine::load(&model).unwrap();
     for case in jsonl("smollm2/tokenizer_cases.jsonl") {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(engine.tokenizer.encode(text, true).unwrap(), ids(&case["parse_special"]["ids"]), "{text}");
-        assert_eq!(engine.tokenizer.encode(text, false).unwrap(), ids(&case["no_parse_special"]["ids"]), "{text}");
+        assert_eq!(
+            engine.tokenizer.encode(text, true).unwrap(),
+            ids(&case["parse_special"]["ids"]),
+            "{text}"
+        );
+        assert_eq!(
+            engine.tokenizer.encode(text, false).unwrap(),
+            ids(&case["no_parse_special"]["ids"]),
+            "{text}"
+        );
     }
 }
 

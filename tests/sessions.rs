@@ -338,3 +338,114 @@ fn a_process_killed_mid_answer_restarts_with_the_partial_answer_interrupted() {
         );
     });
 }
+
+/// A conversation whose history (a long first turn) plus `max_tokens` overflows the context,
+/// while the last question alone fits.
+async fn overflowing(w: &World) -> (usize, String) {
+    let e = engine();
+    let long = "Tell me about the weather in every season. ".repeat(40);
+    let u1 = w
+        .store
+        .add_message(
+            w.user,
+            w.conv,
+            None,
+            Role::User,
+            &long,
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    w.store
+        .add_message(
+            w.user,
+            w.conv,
+            Some(u1.id),
+            Role::Assistant,
+            &long,
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    let last = "And what about tomorrow?".to_owned();
+    let alone = e
+        .render_chat(
+            &[smolchat::engine::ChatMessage::new("user", &last)],
+            true,
+            Some(false),
+        )
+        .unwrap()
+        .1
+        .len();
+    let context = e.model.cfg.context_length;
+    let max_tokens = context - alone - 2;
+    let patch = smolchat::store::ConversationPatch {
+        settings: Some(Settings {
+            temperature: 0.0,
+            max_tokens,
+            ..Settings::default()
+        }),
+        ..Default::default()
+    };
+    w.store
+        .update_conversation(w.user, w.conv, &patch)
+        .await
+        .unwrap();
+    (max_tokens, last)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_too_long_is_refused_by_default_and_the_question_kept() {
+    let w = world("refuse", 8).await;
+    let (_, last) = overflowing(&w).await;
+    let (_, mut rx) = w.subscribe(64).await;
+    let err = w.send(&last).await.unwrap_err();
+    let context = engine().model.cfg.context_length;
+    assert!(
+        matches!(err, SessionError::ContextOverflow { needed, context: c } if needed > context && c == context),
+        "{err:?}"
+    );
+    let mut saw_error = false;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        if let SessionEvent::Error { code, .. } = ev {
+            assert_eq!(code, "context_overflow");
+            saw_error = true;
+        }
+    }
+    assert!(saw_error);
+    let branch = w.store.branch(w.user, w.conv, None).await.unwrap();
+    assert_eq!(
+        branch.last().unwrap().content,
+        last,
+        "the question is stored, nothing was generated"
+    );
+    assert_eq!(w.running().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_leaves_out_whole_turns_and_says_so() {
+    let w = world("drop", 8).await;
+    let (_, last) = overflowing(&w).await;
+    let patch = smolchat::store::ConversationPatch {
+        overflow_policy: Some(smolchat::store::OverflowPolicy::DropOldest),
+        ..Default::default()
+    };
+    w.store
+        .update_conversation(w.user, w.conv, &patch)
+        .await
+        .unwrap();
+    let (_, mut rx) = w.subscribe(1024).await;
+    w.send(&last).await.unwrap();
+    let mut notice = None;
+    loop {
+        match rx.recv().await.unwrap() {
+            SessionEvent::Notice { text } => notice = Some(text),
+            SessionEvent::Delta { .. } => break,
+            _ => {}
+        }
+    }
+    assert!(notice.expect("a notice").starts_with("1 earlier turn"));
+    assert!(call!(w.session().await, SessionMsg::Stop).unwrap());
+    let (_, done) = until_done(&mut rx).await;
+    assert_eq!(done.finish_reason.as_deref(), Some("stopped"));
+}

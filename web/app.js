@@ -13,6 +13,7 @@ const state = {
   messages: [],
   pendingText: null,
   thinkingSince: {},
+  siblings: {},
 };
 
 function status(text) { $("status").textContent = text; }
@@ -71,6 +72,7 @@ function handle(ev) {
       if (ev.conversation.id !== state.current) break;
       state.conversation = ev.conversation;
       state.messages = ev.messages;
+      state.siblings = ev.siblings || {};
       if (ev.streaming) {
         const m = state.messages.find((x) => x.id === ev.streaming.message_id);
         if (m) Object.assign(m, { content: ev.streaming.content, reasoning: ev.streaming.reasoning, status: "streaming" });
@@ -111,8 +113,13 @@ function handle(ev) {
       if (i >= 0) state.messages[i] = { ...ev.message, thoughtSeconds: thought };
       renderAll();
       refreshList();
+      // A fresh snapshot brings the branch list (a regenerate or edit adds a sibling).
+      send({ type: "open", conversation_id: state.current });
       break;
     }
+    case "branch_changed":
+      if (mine) send({ type: "open", conversation_id: state.current });
+      break;
     case "busy":
       if (mine) notice(`The server is busy: ${ev.queue_len} ahead of you. Try again in a moment.`, true);
       break;
@@ -199,6 +206,21 @@ function messageElement(m) {
   li.append(body);
   const meta = document.createElement("div");
   meta.className = "meta";
+  const sibs = state.siblings[m.id];
+  if (sibs && !streaming) {
+    const i = sibs.indexOf(m.id);
+    const go = (j) => () => send({ type: "select_branch", conversation_id: state.current, message_id: sibs[j] });
+    const nav = document.createElement("span");
+    nav.className = "branches";
+    const prev = button("‹", go(i - 1));
+    prev.disabled = i <= 0;
+    prev.setAttribute("aria-label", "previous version");
+    const next = button("›", go(i + 1));
+    next.disabled = i >= sibs.length - 1;
+    next.setAttribute("aria-label", "next version");
+    nav.append(prev, span(`${i + 1}/${sibs.length}`), next);
+    meta.append(nav);
+  }
   if (m.role === "assistant" && !streaming) {
     if (m.tokens_per_second) meta.append(span(`${m.tokens_per_second.toFixed(1)} tokens/s`));
     if (m.ttft_ms) meta.append(span(`first token ${Math.round(m.ttft_ms)} ms`));

@@ -83,6 +83,9 @@ pub struct Snapshot {
     pub conversation: Conversation,
     pub messages: Vec<Message>,
     pub streaming: Option<Partial>,
+    /// For each shown message that has siblings (other answers, other edits): all of them,
+    /// oldest first, so the page can move between branches.
+    pub siblings: std::collections::HashMap<MessageId, Vec<MessageId>>,
 }
 
 /// What subscribers receive after the snapshot.
@@ -109,6 +112,8 @@ pub enum SessionEvent {
     Notice {
         text: String,
     },
+    /// Another branch is shown now: open the conversation again for its snapshot.
+    BranchChanged,
     Error {
         code: String,
         message: String,
@@ -130,6 +135,8 @@ pub enum SessionMsg {
     /// A new version of user message `message`, answered on its own branch.
     Edit(MessageId, String, RpcReplyPort<Result<(), SessionError>>),
     Stop(RpcReplyPort<bool>),
+    /// Shows the branch through `message` (its newest descendant becomes the leaf).
+    SelectBranch(MessageId, RpcReplyPort<Result<(), SessionError>>),
     /// Whether a generation is running (tests and health).
     IsGenerating(RpcReplyPort<bool>),
     Job(u64, JobEvent),
@@ -246,6 +253,22 @@ impl Actor for SessionActor {
                 };
                 let _ = reply.send(stopping);
             }
+            SessionMsg::SelectBranch(message, reply) => {
+                let r = if state.active.is_some() {
+                    Err(SessionError::Generating)
+                } else {
+                    let s = &state.args;
+                    s.store
+                        .select_branch(s.owner, s.conversation, message)
+                        .await
+                        .map(|_| ())
+                        .map_err(SessionError::from)
+                };
+                if r.is_ok() {
+                    state.broadcast(SessionEvent::BranchChanged);
+                }
+                let _ = reply.send(r);
+            }
             SessionMsg::IsGenerating(reply) => {
                 let _ = reply.send(state.active.is_some());
             }
@@ -301,6 +324,16 @@ impl SessionState {
                 m.reasoning = p.reasoning.clone();
             }
         }
+        let mut siblings = std::collections::HashMap::new();
+        for m in &messages {
+            let kids = s
+                .store
+                .children(s.owner, s.conversation, m.parent_id)
+                .await?;
+            if kids.len() > 1 {
+                siblings.insert(m.id, kids.iter().map(|k| k.id).collect());
+            }
+        }
         let id = self.next_subscriber;
         self.next_subscriber += 1;
         self.subscribers.push((id, tx));
@@ -311,6 +344,7 @@ impl SessionState {
                 conversation,
                 messages,
                 streaming,
+                siblings,
             },
         ))
     }

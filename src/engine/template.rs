@@ -104,7 +104,11 @@ fn hf_extensions(source: &str) -> String {
         let tag = &rest[start..];
         let Some(end) = tag.find("%}") else { break };
         let inner = &tag[2..end];
-        let (lead, body, trail) = (inner.starts_with('-'), inner.trim_matches(|c: char| c == '-' || c.is_whitespace()), inner.ends_with('-'));
+        let (lead, body, trail) = (
+            inner.starts_with('-'),
+            inner.trim_matches(|c: char| c == '-' || c.is_whitespace()),
+            inner.ends_with('-'),
+        );
         let replacement = match body {
             "generation" => Some("if true"),
             "endgeneration" => Some("endif"),
@@ -112,7 +116,11 @@ fn hf_extensions(source: &str) -> String {
         };
         match replacement {
             Some(r) => {
-                out.push_str(&format!("{{%{} {r} {}%}}", if lead { "-" } else { "" }, if trail { "-" } else { "" }));
+                out.push_str(&format!(
+                    "{{%{} {r} {}%}}",
+                    if lead { "-" } else { "" },
+                    if trail { "-" } else { "" }
+                ));
             }
             None => out.push_str(&tag[..end + 2]),
         }
@@ -126,7 +134,12 @@ fn hf_extensions(source: &str) -> String {
 mod tests {
     #[test]
     fn generation_blocks_render_their_body() {
-        let t = super::ChatTemplate::new("a{%- generation -%} b {%- endgeneration %}c{% if true %}d{% endif %}", "", "").unwrap();
+        let t = super::ChatTemplate::new(
+            "a{%- generation -%} b {%- endgeneration %}c{% if true %}d{% endif %}",
+            "",
+            "",
+        )
+        .unwrap();
         assert_eq!(t.render(&[], false, None).unwrap(), "abcd");
     }
 

@@ -168,7 +168,9 @@ impl Tokenizer {
 
     /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
     pub fn save_json(&self, path: &Path) -> Result<(), TokenizerError> {
-        self.with_special.save(path, false).map_err(|e| TokenizerError::Build(e.to_string()))
+        self.with_special
+            .save(path, false)
+            .map_err(|e| TokenizerError::Build(e.to_string()))
     }
 
     pub fn vocab_size(&self) -> usize {

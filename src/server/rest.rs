@@ -1,5 +1,8 @@
 //! The page, the REST API for scripts and first paint, health and metrics.
 
+// Handlers return a ready `Response` as their error, the axum way; its size does not matter here.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use axum::body::Bytes;

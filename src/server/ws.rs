@@ -28,7 +28,7 @@ const OUTBOX: usize = 1024;
 const SUBSCRIPTION: usize = 512;
 
 enum Outgoing {
-    Event(ServerEvent),
+    Event(Box<ServerEvent>),
     Close(u16, &'static str),
 }
 
@@ -109,7 +109,7 @@ async fn run(state: Arc<AppState>, user: UserId, socket: WebSocket) {
     let writer = tokio::spawn(async move {
         while let Some(o) = outbox.recv().await {
             let frame = match o {
-                Outgoing::Event(ev) => match serde_json::to_string(&ev) {
+                Outgoing::Event(ev) => match serde_json::to_string(&*ev) {
                     Ok(s) => Message::Text(s.into()),
                     Err(_) => continue,
                 },
@@ -228,7 +228,7 @@ async fn run(state: Arc<AppState>, user: UserId, socket: WebSocket) {
 
 impl Socket {
     async fn send(&self, ev: ServerEvent) {
-        let _ = self.out.send(Outgoing::Event(ev)).await;
+        let _ = self.out.send(Outgoing::Event(Box::new(ev))).await;
     }
 
     async fn close(&self, code: u16, reason: &'static str) {
@@ -348,6 +348,17 @@ impl Socket {
                     .map_err(store_refusal)?;
                 self.send(ServerEvent::Renamed { conversation: c }).await;
             }
+            ClientMessage::SelectBranch {
+                conversation_id,
+                message_id,
+                ..
+            } => {
+                let session = self.session(conversation_id).await?;
+                call!(session, SessionMsg::SelectBranch, message_id)
+                    .map_err(internal)?
+                    .map_err(refusal)?;
+                self.open(conversation_id).await?;
+            }
             ClientMessage::Delete {
                 conversation_id, ..
             } => {
@@ -377,13 +388,16 @@ impl Socket {
             conversation: snap.conversation,
             messages: snap.messages,
             streaming: snap.streaming,
+            siblings: snap.siblings,
         })
         .await;
         let out = self.out.clone();
         let task = tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
                 if out
-                    .send(Outgoing::Event(ServerEvent::from_session(conv, ev)))
+                    .send(Outgoing::Event(Box::new(ServerEvent::from_session(
+                        conv, ev,
+                    ))))
                     .await
                     .is_err()
                 {
@@ -397,7 +411,7 @@ impl Socket {
                 request_id: None,
                 conversation_id: Some(conv),
             };
-            let _ = out.send(Outgoing::Event(ev)).await;
+            let _ = out.send(Outgoing::Event(Box::new(ev))).await;
         });
         self.subscriptions.insert(conv, (session, sub, task));
         Ok(())

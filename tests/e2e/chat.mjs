@@ -58,6 +58,16 @@ await check("a message streams in and is answered", async () => {
   await shot(page, "02-answered");
 });
 
+await check("regenerate makes a second version, and the arrows move between them", async () => {
+  const first = await lastAnswer(page).innerText();
+  await page.locator("li.msg.assistant .meta button:has-text('Regenerate')").last().click();
+  await page.waitForSelector("li.msg.assistant .meta >> text=2/2", { timeout: 60000 });
+  await page.locator("li.msg.assistant .meta button[aria-label='previous version']").last().click();
+  await page.waitForSelector("li.msg.assistant .meta >> text=1/2");
+  assert((await lastAnswer(page).innerText()) === first, "the first version is back");
+  await shot(page, "02b-branches");
+});
+
 await check("a reload mid-answer shows what was written and goes on", async () => {
   await page.evaluate(() => { document.querySelector("#settings-toggle").click(); });
   await ask(page, "Write a long story about a lighthouse keeper and a storm.");
