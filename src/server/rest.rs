@@ -56,6 +56,15 @@ async fn require_user(state: &AppState, headers: &HeaderMap) -> Result<UserId, R
     })
 }
 
+/// The caller and the conversation id of the path, or the response that refuses them.
+async fn user_and_id(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(UserId, ConversationId), Response> {
+    Ok((require_user(state, headers).await?, parse_id(id)?))
+}
+
 fn parse_id(id: &str) -> Result<ConversationId, Response> {
     // An id that is not a UUID answers like a conversation that does not exist.
     id.parse()
@@ -197,12 +206,8 @@ pub async fn get_one(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let user = match require_user(&state, &headers).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let id = match parse_id(&id) {
-        Ok(i) => i,
+    let (user, id) = match user_and_id(&state, &headers, &id).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let conversation = match state.store.conversation(user, id).await {
@@ -223,12 +228,8 @@ pub async fn patch(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let user = match require_user(&state, &headers).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let id = match parse_id(&id) {
-        Ok(i) => i,
+    let (user, id) = match user_and_id(&state, &headers, &id).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     let patch: ConversationPatch = match serde_json::from_slice(&body) {
@@ -246,12 +247,8 @@ pub async fn delete(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let user = match require_user(&state, &headers).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let id = match parse_id(&id) {
-        Ok(i) => i,
+    let (user, id) = match user_and_id(&state, &headers, &id).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
     match super::ws::delete_conversation(&state, user, id).await {
