@@ -506,6 +506,23 @@ async fn a_cross_origin_upgrade_is_refused() {
         .unwrap();
     let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
     assert!(err.to_string().contains("401"), "no token: {err}");
+    // A program with a bearer token (no Origin) is let in, and so is the REST API.
+    let user = srv.store.create_user().await.unwrap();
+    let token = srv.store.create_login(user).await.unwrap();
+    let mut req = format!("ws://{}/ws", srv.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(next(&mut ws).await["user_id"], user.to_string());
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/api/conversations", srv.addr))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     srv.shutdown().await;
 }
 

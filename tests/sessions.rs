@@ -449,3 +449,50 @@ async fn drop_oldest_leaves_out_whole_turns_and_says_so() {
     let (_, done) = until_done(&mut rx).await;
     assert_eq!(done.finish_reason.as_deref(), Some("stopped"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_session_is_restarted_from_the_store_with_its_answer_interrupted() {
+    let w = world("fault", 400).await;
+    let (_, mut rx) = w.subscribe(1024).await;
+    w.send("Write a long story about a fox.").await.unwrap();
+    let mut streamed = String::new();
+    while streamed.len() < 30 {
+        if let Some(SessionEvent::Delta { text, .. }) = rx.recv().await {
+            streamed.push_str(&text);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await; // let a checkpoint land
+    let failing = w.session().await;
+    failing.cast(SessionMsg::InjectFault).unwrap();
+    // The subscriber's stream ends with the actor.
+    while rx.recv().await.is_some() {}
+    // The model stops generating for it (its event sink went away with the session).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.running().await > 0 {
+        assert!(Instant::now() < deadline, "the orphaned job kept running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new session starts from the store: the question intact, the answer interrupted.
+    let (snap, _rx) = w.subscribe(64).await;
+    assert_ne!(
+        w.session().await.get_id(),
+        failing.get_id(),
+        "a fresh actor"
+    );
+    assert_eq!(snap.messages.len(), 2);
+    assert_eq!(snap.messages[0].content, "Write a long story about a fox.");
+    assert_eq!(snap.messages[1].status, MessageStatus::Interrupted);
+    assert!(
+        !snap.messages[1].content.is_empty()
+            && streamed
+                .starts_with(&snap.messages[1].content[..10.min(snap.messages[1].content.len())])
+    );
+    assert!(snap.streaming.is_none());
+    // And the conversation goes on.
+    let (_, mut rx2) = w.subscribe(1024).await;
+    call!(w.session().await, SessionMsg::Stop).unwrap();
+    w.send("Shorter, please.").await.unwrap();
+    call!(w.session().await, SessionMsg::Stop).unwrap();
+    let (_, done) = until_done(&mut rx2).await;
+    assert_eq!(done.status, MessageStatus::Complete);
+}

@@ -139,6 +139,9 @@ pub enum SessionMsg {
     SelectBranch(MessageId, RpcReplyPort<Result<(), SessionError>>),
     /// Whether a generation is running (tests and health).
     IsGenerating(RpcReplyPort<bool>),
+    /// Fault injection for tests: the actor fails as if a bug had struck mid-conversation.
+    #[doc(hidden)]
+    InjectFault,
     Job(u64, JobEvent),
     Tick,
 }
@@ -273,6 +276,7 @@ impl Actor for SessionActor {
                 let _ = reply.send(state.active.is_some());
             }
             SessionMsg::Job(gen, ev) => state.on_job_event(gen, ev).await?,
+            SessionMsg::InjectFault => return Err("injected fault".into()),
             SessionMsg::Tick => {
                 state.checkpoint(false).await?;
                 if state.active.is_none() && state.subscribers.iter().all(|(_, s)| s.is_closed()) {
