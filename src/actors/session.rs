@@ -140,7 +140,6 @@ pub enum SessionMsg {
     /// Whether a generation is running (tests and health).
     IsGenerating(RpcReplyPort<bool>),
     /// Fault injection for tests: the actor fails as if a bug had struck mid-conversation.
-    #[doc(hidden)]
     InjectFault,
     Job(u64, JobEvent),
     Tick,
