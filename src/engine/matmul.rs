@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use super::interleaved;
 use super::quant::{
     dequantize_row, f16_at, quantize_row_q8, unpack_32, unpack_k_sub, unpack_q6k_16, BlockQ8,
     GgmlType,
@@ -25,6 +26,8 @@ pub struct QMatrix {
     pub cols: usize,
     bytes: SharedBytes,
     start: usize,
+    /// The same weights in groups of 8 rows for the AVX2 kernel (see [`interleaved`]).
+    interleaved: Option<Arc<Vec<u8>>>,
 }
 
 impl QMatrix {
@@ -36,6 +39,19 @@ impl QMatrix {
             cols,
             bytes,
             start,
+            interleaved: None,
+        }
+    }
+
+    /// Adds the 8-row interleaved copy that the AVX2 kernel prefers, where it applies (Q4_0 and
+    /// Q4_1, rows a multiple of 8, a CPU with AVX2).
+    pub fn interleave(&mut self) {
+        if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1)
+            && self.rows % 8 == 0
+            && super::simd::has_avx2()
+        {
+            let packed = interleaved::interleave(self.ty, self.data(), self.rows, self.cols);
+            self.interleaved = Some(Arc::new(packed));
         }
     }
 
@@ -171,6 +187,35 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
     let data = w.data();
     let float = x.precise || matches!(w.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     let avx2 = super::simd::has_avx2();
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(il), false, true) = (&w.interleaved, float, avx2) {
+        let nb = x.k / 32;
+        let span = nb * interleaved::GROUP_BLOCK;
+        let mut acc = [[0f32; 8]; ROWS];
+        for t0 in (0..x.m).step_by(TILE_ROWS) {
+            let t1 = (t0 + TILE_ROWS).min(x.m);
+            let mut i = t0;
+            while i < t1 {
+                let g = (t1 - i).min(ROWS);
+                let rows: [&[BlockQ8]; ROWS] = std::array::from_fn(|a| x.row(i + a.min(g - 1)));
+                for grp in r0 / 8..r1.div_ceil(8) {
+                    // SAFETY: AVX2/FMA/F16C checked; `il` holds `nb` blocks per group.
+                    unsafe {
+                        interleaved::dot_group(
+                            &il[grp * span..(grp + 1) * span],
+                            &rows[..g],
+                            &mut acc[..g],
+                        )
+                    };
+                    for (a, vals) in acc.iter().enumerate().take(g) {
+                        out[(i + a) * n + grp * 8..][..8].copy_from_slice(vals);
+                    }
+                }
+                i += g;
+            }
+        }
+        return;
+    }
     for t0 in (0..x.m).step_by(TILE_ROWS) {
         let t1 = (t0 + TILE_ROWS).min(x.m);
         let mut i = t0;
@@ -527,6 +572,35 @@ mod tests {
                     fast[i],
                     portable[i]
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_q4_matches_the_plain_kernels() {
+        let (k, n, m) = (128, 24, 5);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+            let bytes: SharedBytes = Arc::new(random_row(ty, k * n, 11));
+            let plain = QMatrix::new(ty, n, k, bytes.clone(), 0);
+            let mut il = QMatrix::new(ty, n, k, bytes, 0);
+            il.interleave();
+            let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.91).sin()).collect();
+            let q = QuantizedRows::new(&x, k, false);
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul(&q, &plain, &mut a);
+            matmul(&q, &il, &mut b);
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() < 1e-3 * (1.0 + u.abs()), "{ty:?}: {u} vs {v}");
+            }
+            // One row at a time gives the same bits as the batch.
+            for i in 0..m {
+                let mut one = vec![0f32; n];
+                matmul(
+                    &QuantizedRows::new(&x[i * k..(i + 1) * k], k, false),
+                    &il,
+                    &mut one,
+                );
+                assert_eq!(&b[i * n..(i + 1) * n], &one[..]);
             }
         }
     }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod interleaved;
 pub mod kv;
 pub mod matmul;
 pub mod model;

@@ -71,7 +71,11 @@ impl Model {
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix, EngineError> {
             let t = f.tensor(name)?;
             check_shape(t, &[cols, rows])?;
-            Ok(QMatrix::new(t.ty, rows, cols, bytes.clone(), t.start))
+            let mut m = QMatrix::new(t.ty, rows, cols, bytes.clone(), t.start);
+            if name != "token_embd.weight" {
+                m.interleave();
+            }
+            Ok(m)
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>, EngineError> {
             let t = f.tensor(name)?;
@@ -137,7 +141,9 @@ impl Model {
             let mut b = rand_bytes(ty.row_bytes(cols) * rows);
             super::quant::sanitize_random_scales(ty, &mut b);
             let shared: SharedBytes = std::sync::Arc::new(b);
-            QMatrix::new(ty, rows, cols, shared, 0)
+            let mut m = QMatrix::new(ty, rows, cols, shared, 0);
+            m.interleave();
+            m
         };
         let (h, hd) = (cfg.hidden, cfg.head_dim);
         let embed = matrix(cfg.vocab_size, h);
