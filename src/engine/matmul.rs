@@ -43,10 +43,10 @@ impl QMatrix {
         }
     }
 
-    /// Adds the 8-row interleaved copy that the AVX2 kernel prefers, where it applies (Q4_0 and
-    /// Q4_1, rows a multiple of 8, a CPU with AVX2).
+    /// Adds the 8-row interleaved copy that the AVX2 kernels prefer, where it applies (Q4_0,
+    /// Q4_1 and Q8_0, rows a multiple of 8, a CPU with AVX2).
     pub fn interleave(&mut self) {
-        if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1)
+        if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
             && self.rows % 8 == 0
             && super::simd::has_avx2()
         {
@@ -190,7 +190,12 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
     #[cfg(target_arch = "x86_64")]
     if let (Some(il), false, true) = (&w.interleaved, float, avx2) {
         let nb = x.k / 32;
-        let span = nb * interleaved::GROUP_BLOCK;
+        let span = nb * interleaved::group_block(w.ty);
+        let kernel = if w.ty == GgmlType::Q8_0 {
+            interleaved::dot_group_q8_0
+        } else {
+            interleaved::dot_group
+        };
         let mut acc = [[0f32; 8]; ROWS];
         for t0 in (0..x.m).step_by(TILE_ROWS) {
             let t1 = (t0 + TILE_ROWS).min(x.m);
@@ -200,13 +205,7 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
                 let rows: [&[BlockQ8]; ROWS] = std::array::from_fn(|a| x.row(i + a.min(g - 1)));
                 for grp in r0 / 8..r1.div_ceil(8) {
                     // SAFETY: AVX2/FMA/F16C checked; `il` holds `nb` blocks per group.
-                    unsafe {
-                        interleaved::dot_group(
-                            &il[grp * span..(grp + 1) * span],
-                            &rows[..g],
-                            &mut acc[..g],
-                        )
-                    };
+                    unsafe { kernel(&il[grp * span..(grp + 1) * span], &rows[..g], &mut acc[..g]) };
                     for (a, vals) in acc.iter().enumerate().take(g) {
                         out[(i + a) * n + grp * 8..][..8].copy_from_slice(vals);
                     }
@@ -577,9 +576,9 @@ mod tests {
     }
 
     #[test]
-    fn interleaved_q4_matches_the_plain_kernels() {
+    fn interleaved_kernels_match_the_plain_kernels() {
         let (k, n, m) = (128, 24, 5);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let bytes: SharedBytes = Arc::new(random_row(ty, k * n, 11));
             let plain = QMatrix::new(ty, n, k, bytes.clone(), 0);
             let mut il = QMatrix::new(ty, n, k, bytes, 0);

@@ -72,9 +72,7 @@ impl Model {
             let t = f.tensor(name)?;
             check_shape(t, &[cols, rows])?;
             let mut m = QMatrix::new(t.ty, rows, cols, bytes.clone(), t.start);
-            if name != "token_embd.weight" {
-                m.interleave();
-            }
+            m.interleave();
             Ok(m)
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>, EngineError> {
