@@ -69,8 +69,8 @@ async fn run_job(
     let (tx, mut rx) = mpsc::channel(256);
     let job = GenerationJob {
         prompt,
-        // Sampled, not greedy, so that chats do not stop early on the same short answer;
-        // and no end-of-turn stop is forced: min_p keeps answers on topic.
+        // Sampled like a chat would be (the page's defaults), with a fixed seed so runs compare;
+        // answers end at max_tokens or at the model's end of turn, as in real use.
         params: SamplingParams {
             temperature: 0.7,
             min_p: 0.05,
