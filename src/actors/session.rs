@@ -360,20 +360,30 @@ impl SessionState {
         if self.active.is_some() {
             return Err(SessionError::Generating);
         }
+        let s = &self.args;
+        let conv = s.store.conversation(s.owner, s.conversation).await?;
+        self.ask(myself, conv.current_leaf_id, content).await
+    }
+
+    /// Stores a user message under `parent` — before anything else can fail — and answers it.
+    async fn ask(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        parent: Option<MessageId>,
+        content: String,
+    ) -> Result<(), SessionError> {
         if content.trim().is_empty() {
             return Err(SessionError::Invalid {
                 message: "the message is empty".into(),
             });
         }
         let s = &self.args;
-        let conv = s.store.conversation(s.owner, s.conversation).await?;
-        // The user's words are stored before anything else can fail.
         let user = s
             .store
             .add_message(
                 s.owner,
                 s.conversation,
-                conv.current_leaf_id,
+                parent,
                 Role::User,
                 &content,
                 MessageStatus::Complete,
@@ -421,11 +431,6 @@ impl SessionState {
         if self.active.is_some() {
             return Err(SessionError::Generating);
         }
-        if content.trim().is_empty() {
-            return Err(SessionError::Invalid {
-                message: "the message is empty".into(),
-            });
-        }
         let s = &self.args;
         let old = s.store.message(s.owner, target).await?;
         if old.conversation_id != s.conversation || old.role != Role::User {
@@ -433,21 +438,7 @@ impl SessionState {
                 message: "only your own messages can be edited".into(),
             });
         }
-        let user = s
-            .store
-            .add_message(
-                s.owner,
-                s.conversation,
-                old.parent_id,
-                Role::User,
-                &content,
-                MessageStatus::Complete,
-            )
-            .await?;
-        self.broadcast(SessionEvent::UserMessage {
-            message: user.clone(),
-        });
-        self.generate(myself, user.id).await
+        self.ask(myself, old.parent_id, content).await
     }
 
     /// Renders the branch ending at `user` and starts answering it.
