@@ -109,6 +109,7 @@ async fn sixteen_jobs_joining_mid_flight_get_the_tokens_they_get_alone() {
     for p in &prompts {
         reference.push(alone(&actor, p.clone(), 20).await);
     }
+    let steps_before = status(&actor).await.steps;
     let mut handles = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         // Staggered: later jobs join a batch that is already decoding.
@@ -117,7 +118,7 @@ async fn sixteen_jobs_joining_mid_flight_get_the_tokens_they_get_alone() {
         submit(&actor, j).await.unwrap();
         handles.push(tokio::spawn(collect(rx)));
     }
-    let mut max_running = 0;
+    let mut generated = 0;
     for (i, h) in handles.into_iter().enumerate() {
         let (ids, done) = h.await.unwrap();
         assert_eq!(ids, reference[i], "job {i} differs from its solo run");
@@ -126,9 +127,16 @@ async fn sixteen_jobs_joining_mid_flight_get_the_tokens_they_get_alone() {
             done.finish_reason,
             FinishReason::Length | FinishReason::Stop
         ));
-        max_running = max_running.max(done.generated_tokens);
+        assert!(!ids.is_empty());
+        assert_eq!(done.generated_tokens, ids.len());
+        generated += ids.len();
     }
-    assert!(max_running > 0);
+    // They really shared steps: far fewer steps than tokens generated.
+    let steps = status(&actor).await.steps - steps_before;
+    assert!(
+        steps < generated as u64 / 2,
+        "{steps} steps for {generated} tokens"
+    );
     assert_eq!(status(&actor).await.running, 0);
     actor.stop(None);
 }

@@ -14,34 +14,22 @@ use crate::engine::Engine;
 /// Loads the model at `path`, with a clear error that says what to run when it is missing.
 pub fn load(path: &Path) -> Result<Engine> {
     let started = std::time::Instant::now();
-    let engine = Engine::load(path)?;
-    prefault(&engine);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let engine = Engine::load_with_progress(path, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let engine = engine?;
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model ready"
     );
     Ok(engine)
-}
-
-/// Reads the mapped weights once with a progress bar, so the first request does not pay for
-/// page faults and a slow disk shows as progress rather than silence.
-fn prefault(engine: &Engine) {
-    let total: usize = engine.file.tensors.values().map(|t| t.len).sum();
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut sink = 0u8;
-    for t in engine.file.tensors.values() {
-        let b = engine.file.bytes(t);
-        for page in b.chunks(4096) {
-            sink ^= page[0];
-        }
-        bar.inc(t.len as u64);
-    }
-    std::hint::black_box(sink);
-    bar.finish_and_clear();
 }
 
 /// Prints `value` as one JSON line.

@@ -154,6 +154,20 @@ impl GgufFile {
         self.mmap.clone()
     }
 
+    /// Lets the OS drop the resident pages of `t` (a copy of it is kept elsewhere). The mapping
+    /// stays valid: a later read faults the pages back in from the file.
+    pub fn release(&self, t: &TensorInfo) {
+        // SAFETY: the mapping is private and read-only, so dropped pages come back unchanged
+        // from the file (which, as for any mapping, must not be modified while open).
+        let r = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.start, t.len)
+        };
+        if let Err(e) = r {
+            tracing::debug!(tensor = %t.name, error = %e, "madvise failed; pages stay resident");
+        }
+    }
+
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
         &self.mmap[t.start..t.start + t.len]
     }

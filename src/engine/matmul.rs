@@ -45,7 +45,8 @@ impl QMatrix {
 
     /// Adds the 8-row interleaved copy that the AVX2 kernels prefer, where it applies (Q4_0,
     /// Q4_1 and Q8_0, rows a multiple of 8, a CPU with AVX2).
-    pub fn interleave(&mut self) {
+    /// Returns whether it did.
+    pub fn interleave(&mut self) -> bool {
         if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
             && self.rows % 8 == 0
             && super::simd::has_avx2()
@@ -53,6 +54,7 @@ impl QMatrix {
             let packed = interleaved::interleave(self.ty, self.data(), self.rows, self.cols);
             self.interleaved = Some(Arc::new(packed));
         }
+        self.interleaved.is_some()
     }
 
     pub fn data(&self) -> &[u8] {

@@ -66,6 +66,14 @@ pub struct Engine {
 impl Engine {
     /// Opens a GGUF model; a `tokenizer.json` beside it takes the place of the GGUF vocabulary.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
+        Self::load_with_progress(path, &|_, _| {})
+    }
+
+    /// As [`Engine::load`], calling `progress(done, total)` in bytes of weights as they load.
+    pub fn load_with_progress(
+        path: &Path,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<Self, EngineError> {
         if !path.exists() {
             return Err(EngineError::ModelMissing {
                 path: path.display().to_string(),
@@ -75,7 +83,12 @@ impl Engine {
             path: path.display().to_string(),
             source,
         })?;
-        let model = Model::from_gguf(&file)?;
+        let total: u64 = file.tensors.values().map(|t| t.len as u64).sum();
+        let done = std::cell::Cell::new(0u64);
+        let model = Model::load(&file, None, &|n| {
+            done.set(done.get() + n);
+            progress(done.get(), total);
+        })?;
         let beside = path.with_file_name("tokenizer.json");
         let mut tokenizer = Tokenizer::from_gguf(&file);
         if beside.exists() {

@@ -62,6 +62,17 @@ impl Model {
         f: &GgufFile,
         arch: Option<Architecture>,
     ) -> Result<Self, EngineError> {
+        Self::load(f, arch, &|_| {})
+    }
+
+    /// Loads the model, calling `progress` with the bytes of each weight matrix as it is ready.
+    /// Matrices that get an interleaved copy give their mapped pages back to the OS (they are
+    /// read again from the page cache only if a portable or precise path needs them).
+    pub fn load(
+        f: &GgufFile,
+        arch: Option<Architecture>,
+        progress: &dyn Fn(u64),
+    ) -> Result<Self, EngineError> {
         let mut cfg = ModelConfig::from_gguf(f)?;
         if let Some(a) = arch {
             cfg.arch = a;
@@ -72,7 +83,10 @@ impl Model {
             let t = f.tensor(name)?;
             check_shape(t, &[cols, rows])?;
             let mut m = QMatrix::new(t.ty, rows, cols, bytes.clone(), t.start);
-            m.interleave();
+            if m.interleave() {
+                f.release(t);
+            }
+            progress(t.len as u64);
             Ok(m)
         };
         let vector = |name: &str, n: usize| -> Result<Vec<f32>, EngineError> {
