@@ -11,6 +11,8 @@ use crate::engine::{KvCache, Logits, Model, SeqInput};
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
+    /// Where it ran ("cpu", "cuda:0 (NVIDIA H100 80GB HBM3)", …).
+    pub device: String,
     /// Prompt tokens per second, one 128-token prompt in one step.
     pub prefill_128: f64,
     pub prefill_512: f64,
@@ -22,6 +24,8 @@ pub struct BenchReport {
     pub decode_16_at_1000: f64,
     /// Peak resident memory of the process (after the 16 × 1,000 case), MB.
     pub peak_rss_mb: f64,
+    /// GPU memory in use at the end (weights, KV slabs, candle's buffers) and in all, MB.
+    pub gpu_memory_mb: Option<(f64, f64)>,
     pub threads: usize,
 }
 
@@ -43,11 +47,14 @@ fn prefill_rate(model: &Model, n: usize) -> f64 {
     for _ in 0..2 {
         let mut cache = model.new_cache();
         let t = Instant::now();
-        let _ = model.forward(&mut [SeqInput {
+        if let Err(e) = model.forward(&mut [SeqInput {
             tokens: &ids,
             cache: &mut cache,
             logits: Logits::Last,
-        }]);
+        }]) {
+            tracing::error!(error = %e, "bench prefill failed");
+            return 0.0;
+        }
         best = best.max(n as f64 / t.elapsed().as_secs_f64());
     }
     best
@@ -70,7 +77,13 @@ fn decode_rate(model: &Model, caches: &mut [KvCache], steps: usize) -> f64 {
                 logits: Logits::Last,
             })
             .collect();
-        let out = model.forward(&mut batch).unwrap_or_default();
+        let out = match model.forward(&mut batch) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::error!(error = %e, "bench step failed");
+                return 0.0;
+            }
+        };
         for (n, row) in next.iter_mut().zip(out) {
             n[0] = crate::engine::sampler::argmax(&row);
         }
@@ -78,7 +91,36 @@ fn decode_rate(model: &Model, caches: &mut [KvCache], steps: usize) -> f64 {
     (caches.len() * steps) as f64 / t.elapsed().as_secs_f64()
 }
 
-pub fn run(model: &Model) -> BenchReport {
+/// Measures `model`; `batches` are the packed decode batch sizes.
+/// Caches at the given positions (with room for the bench's decode steps), or `None` with a
+/// warning when a device's KV pool cannot hold them.
+fn filled(model: &Model, lens: &[usize]) -> Option<Vec<KvCache>> {
+    if let Some(pool) = model.block_pool() {
+        let need: usize = lens
+            .iter()
+            .map(|&n| model.new_cache().blocks_needed(n + 64))
+            .sum();
+        if need > pool.free_blocks() {
+            tracing::warn!(
+                need,
+                free = pool.free_blocks(),
+                "the KV budget is too small for this case (raise --kv-budget-mb); skipped"
+            );
+            return None;
+        }
+    }
+    Some(
+        lens.iter()
+            .map(|&n| {
+                let mut c = model.new_cache();
+                c.fill_synthetic(n);
+                c
+            })
+            .collect(),
+    )
+}
+
+pub fn run(model: &Model, batches: &[usize]) -> BenchReport {
     // Warm the pool and the caches.
     let _ = prefill_rate(model, 16);
     let prefill_128 = prefill_rate(model, 128);
@@ -86,35 +128,34 @@ pub fn run(model: &Model) -> BenchReport {
     let prefill_512 = prefill_rate(model, 512);
     tracing::info!(prefill_512, "bench");
 
-    let mut one = vec![model.new_cache()];
-    one[0].fill_synthetic(128);
-    let decode_1 = decode_rate(model, &mut one, 64);
+    let decode_1 = match filled(model, &[128]) {
+        Some(mut one) => decode_rate(model, &mut one, 64),
+        None => 0.0,
+    };
     tracing::info!(decode_1, "bench");
 
     let mut decode_batch = BTreeMap::new();
-    for b in [2usize, 4, 8, 16] {
-        let mut caches: Vec<KvCache> = (0..b)
-            .map(|i| {
-                let mut c = model.new_cache();
-                c.fill_synthetic(64 + 37 * i);
-                c
-            })
-            .collect();
-        let rate = decode_rate(model, &mut caches, 32);
+    for &b in batches {
+        // Different positions, 64 to 619.
+        let lens: Vec<usize> = (0..b).map(|i| 64 + 37 * (i % 16)).collect();
+        let rate = match filled(model, &lens) {
+            Some(mut caches) => decode_rate(model, &mut caches, 32),
+            None => 0.0,
+        };
         tracing::info!(batch = b, rate, "bench");
         decode_batch.insert(b.to_string(), rate);
     }
 
-    let mut long: Vec<KvCache> = (0..16)
-        .map(|_| {
-            let mut c = model.new_cache();
-            c.fill_synthetic(1000);
-            c
-        })
-        .collect();
-    let decode_16_at_1000 = decode_rate(model, &mut long, 8);
+    let decode_16_at_1000 = match filled(model, &[1000; 16]) {
+        Some(mut long) => decode_rate(model, &mut long, 8),
+        None => 0.0,
+    };
     tracing::info!(decode_16_at_1000, "bench");
     BenchReport {
+        device: model.device_name(),
+        gpu_memory_mb: model
+            .device_memory()
+            .map(|(used, total)| (used as f64 / 1048576.0, total as f64 / 1048576.0)),
         prefill_128,
         prefill_512,
         decode_1,
@@ -141,7 +182,7 @@ pub fn peak_rss_mb() -> f64 {
 
 impl BenchReport {
     pub fn table(&self) -> String {
-        let mut s = String::from("| measure | tokens/s |\n|---|---|\n");
+        let mut s = format!("| measure ({}) | tokens/s |\n|---|---|\n", self.device);
         s += &format!("| prefill, 128-token prompt | {:.0} |\n", self.prefill_128);
         s += &format!("| prefill, 512-token prompt | {:.0} |\n", self.prefill_512);
         s += &format!("| decode, 1 stream | {:.1} |\n", self.decode_1);
@@ -153,6 +194,9 @@ impl BenchReport {
             self.decode_16_at_1000
         );
         s += &format!("| peak RSS | {:.0} MB |\n", self.peak_rss_mb);
+        if let Some((used, total)) = self.gpu_memory_mb {
+            s += &format!("| GPU memory in use | {used:.0} of {total:.0} MB |\n");
+        }
         s
     }
 }

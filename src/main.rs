@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use smolchat::cli::{self, generate::GenerateArgs};
 use smolchat::engine::quant::GgmlType;
-use smolchat::engine::{Architecture, Model, ModelConfig, SamplingParams};
+use smolchat::engine::{
+    Architecture, DeviceChoice, LoadOptions, Model, ModelConfig, Placement, SamplingParams,
+};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +24,10 @@ struct Args {
     /// Worker threads for the engine (default: all cores).
     #[arg(long, global = true, env = "SMOLCHAT_THREADS")]
     threads: Option<usize>,
+    /// Where the model runs: auto (the GPU when this binary has the `cuda` feature and one
+    /// answers, else the CPU), cpu, cuda, cuda:N, or candle-cpu (the GPU code on the CPU).
+    #[arg(long, global = true, env = "SMOLCHAT_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -54,15 +60,15 @@ enum Command {
         /// Origins allowed to open the WebSocket besides the server's own (repeatable).
         #[arg(long = "allow-origin")]
         allow_origins: Vec<String>,
-        /// Sequences decoding together at most.
-        #[arg(long, default_value_t = 16)]
-        max_running: usize,
-        /// Requests waiting for a slot at most; beyond, `busy`.
-        #[arg(long, default_value_t = 64)]
-        max_queue: usize,
-        /// Memory for all KV caches, MB.
-        #[arg(long, default_value_t = 1024)]
-        kv_budget_mb: usize,
+        /// Sequences decoding together at most (default: 16 on the CPU, 128 on a GPU).
+        #[arg(long)]
+        max_running: Option<usize>,
+        /// Requests waiting for a slot at most; beyond, `busy` (default: 64 CPU, 512 GPU).
+        #[arg(long)]
+        max_queue: Option<usize>,
+        /// Memory for all KV caches, MB (default: 1024 on the CPU, 16384 on a GPU).
+        #[arg(long)]
+        kv_budget_mb: Option<usize>,
         /// Chat messages per user per minute.
         #[arg(long, default_value_t = 20)]
         messages_per_minute: usize,
@@ -164,6 +170,12 @@ enum Command {
         /// Weight format of the synthetic model.
         #[arg(long, default_value = "q4_k")]
         quant: String,
+        /// Packed decode batch sizes to measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4, 8, 16])]
+        batches: Vec<usize>,
+        /// Memory for the KV caches on a device, MB.
+        #[arg(long, default_value_t = 16384)]
+        kv_budget_mb: usize,
         /// Chat jobs through the model actor at 1, 4, 8, 16 and 32 concurrent (or --concurrency).
         #[arg(long)]
         serve_sim: bool,
@@ -195,9 +207,9 @@ fn run(args: Args) -> Result<()> {
         port: 3000,
         data_dir: "data".into(),
         allow_origins: vec![],
-        max_running: 16,
-        max_queue: 64,
-        kv_budget_mb: 1024,
+        max_running: None,
+        max_queue: None,
+        kv_budget_mb: None,
         messages_per_minute: 20,
         concurrent_generations: 2,
     });
@@ -214,18 +226,28 @@ fn run(args: Args) -> Result<()> {
             concurrent_generations,
         } => {
             fetch_if_default(&args.model)?;
-            let engine = std::sync::Arc::new(cli::load(&args.model)?);
+            let placement = args.device.resolve()?;
+            let base = if placement.is_gpu() {
+                smolchat::actors::SchedulerConfig::gpu()
+            } else {
+                smolchat::actors::SchedulerConfig::cpu()
+            };
+            let scheduler = smolchat::actors::SchedulerConfig {
+                max_running: max_running.unwrap_or(base.max_running),
+                max_queue: max_queue.unwrap_or(base.max_queue),
+                kv_budget_bytes: kv_budget_mb.map_or(base.kv_budget_bytes, |mb| mb << 20),
+                ..base
+            };
+            let opts = LoadOptions {
+                placement,
+                kv_bytes: scheduler.kv_budget_bytes,
+            };
+            let engine = std::sync::Arc::new(cli::load(&args.model, &opts)?);
             let addr: std::net::SocketAddr = format!("{host}:{port}").parse().or_else(|_| {
                 std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
                     .next()
                     .ok_or_else(|| std::io::Error::other("no address"))
             })?;
-            let scheduler = smolchat::actors::SchedulerConfig {
-                max_running,
-                max_queue,
-                kv_budget_bytes: kv_budget_mb << 20,
-                ..smolchat::actors::SchedulerConfig::cpu()
-            };
             let limits = smolchat::server::Limits {
                 messages_per_minute,
                 concurrent_generations,
@@ -256,7 +278,7 @@ fn run(args: Args) -> Result<()> {
             system,
         } => {
             fetch_if_default(&args.model)?;
-            let engine = cli::load(&args.model)?;
+            let engine = cli::load(&args.model, &default_opts(args.device)?)?;
             let params = SamplingParams {
                 temperature,
                 top_p: 0.95,
@@ -266,22 +288,26 @@ fn run(args: Args) -> Result<()> {
             };
             cli::generate::chat(&engine, params, max_tokens, system)
         }
-        Command::Tokenize { no_special, text } => {
-            cli::inspect::tokenize(&cli::load(&args.model)?, &text.join(" "), no_special)
-        }
+        Command::Tokenize { no_special, text } => cli::inspect::tokenize(
+            &cli::load(&args.model, &default_opts(args.device)?)?,
+            &text.join(" "),
+            no_special,
+        ),
         Command::Render {
             messages,
             no_generation_prompt,
             thinking,
         } => cli::inspect::render(
-            &cli::load(&args.model)?,
+            &cli::load(&args.model, &default_opts(args.device)?)?,
             &messages,
             !no_generation_prompt,
             thinking.map(|t| matches!(t, OnOff::On)),
         ),
-        Command::Logits { ids, top } => {
-            cli::inspect::logits(&cli::load(&args.model)?, &cli::parse_ids(&ids)?, top)
-        }
+        Command::Logits { ids, top } => cli::inspect::logits(
+            &cli::load(&args.model, &default_opts(args.device)?)?,
+            &cli::parse_ids(&ids)?,
+            top,
+        ),
         Command::Generate {
             prompt,
             chat,
@@ -295,7 +321,7 @@ fn run(args: Args) -> Result<()> {
             seed,
             json,
         } => {
-            let engine = cli::load(&args.model)?;
+            let engine = cli::load(&args.model, &default_opts(args.device)?)?;
             let ids = ids.as_deref().map(cli::parse_ids).transpose()?;
             let params = SamplingParams {
                 temperature,
@@ -318,15 +344,17 @@ fn run(args: Args) -> Result<()> {
                 },
             )
         }
-        Command::Perplexity { file, ctx } => {
-            cli::inspect::perplexity(&cli::load(&args.model)?, &file, ctx)
-        }
+        Command::Perplexity { file, ctx } => cli::inspect::perplexity(
+            &cli::load(&args.model, &default_opts(args.device)?)?,
+            &file,
+            ctx,
+        ),
         Command::SessionTurn {
             data_dir,
             message,
             max_tokens,
         } => {
-            let engine = std::sync::Arc::new(cli::load(&args.model)?);
+            let engine = std::sync::Arc::new(cli::load(&args.model, &default_opts(args.device)?)?);
             let rt = runtime()?;
             rt.block_on(cli::session_turn::run(
                 engine, &data_dir, &message, max_tokens,
@@ -336,9 +364,14 @@ fn run(args: Args) -> Result<()> {
             json,
             serve_sim: true,
             concurrency,
+            kv_budget_mb,
             ..
         } => {
-            let engine = std::sync::Arc::new(cli::load(&args.model)?);
+            let opts = LoadOptions {
+                placement: args.device.resolve()?,
+                kv_bytes: kv_budget_mb << 20,
+            };
+            let engine = std::sync::Arc::new(cli::load(&args.model, &opts)?);
             let rt = runtime()?;
             let report = rt.block_on(smolchat::serve_sim::run(engine, &concurrency))?;
             if json {
@@ -352,20 +385,33 @@ fn run(args: Args) -> Result<()> {
             json,
             synthetic,
             quant,
+            batches,
+            kv_budget_mb,
             ..
         } => {
-            let owned;
+            let opts = LoadOptions {
+                placement: args.device.resolve()?,
+                kv_bytes: kv_budget_mb << 20,
+            };
             let model = match synthetic {
                 Some(kind) => {
-                    owned = Model::synthetic(synthetic_config(kind), parse_quant(&quant)?, 7);
-                    &owned
+                    let started = std::time::Instant::now();
+                    let m = Model::synthetic_on(
+                        synthetic_config(kind),
+                        parse_quant(&quant)?,
+                        7,
+                        &opts,
+                    )?;
+                    tracing::info!(
+                        seconds = started.elapsed().as_secs_f64(),
+                        device = %m.device_name(),
+                        "random weights ready"
+                    );
+                    m
                 }
-                None => {
-                    owned = smolchat::engine::Engine::load(&args.model)?.model;
-                    &owned
-                }
+                None => cli::load(&args.model, &opts)?.model,
             };
-            let report = smolchat::bench::run(model);
+            let report = smolchat::bench::run(&model, &batches);
             if json {
                 cli::print_json(&serde_json::to_value(&report)?);
             } else {
@@ -374,6 +420,16 @@ fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Load options for the commands that run one sequence at a time: the device asked for, the
+/// default KV budget.
+fn default_opts(device: DeviceChoice) -> Result<LoadOptions> {
+    let placement: Placement = device.resolve()?;
+    Ok(LoadOptions {
+        placement,
+        ..LoadOptions::default()
+    })
 }
 
 /// The default model is fetched on first use; any other path must exist.

@@ -125,11 +125,15 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 pub async fn run(engine: Arc<Engine>, levels: &[usize]) -> anyhow::Result<ServeSimReport> {
     let max = levels.iter().copied().max().unwrap_or(1);
-    let config = SchedulerConfig {
+    let mut config = SchedulerConfig {
         max_running: max,
         max_queue: max * 2,
         ..SchedulerConfig::cpu()
     };
+    if let Some(pool) = engine.model.block_pool() {
+        // A device's KV slabs are allocated up front: the scheduler may use all of them.
+        config.kv_budget_bytes = pool.total() * engine.model.kv_shape().block_bytes();
+    }
     let (actor, _) = Actor::spawn(None, ModelActor, (engine.clone(), config)).await?;
 
     // One after another.

@@ -282,7 +282,7 @@ impl Scheduler {
 
     fn start(&mut self, p: Pending, reserved: usize) {
         let job = p.job;
-        let (mut cache, mut cached) = (KvCache::new(self.shape), 0);
+        let (mut cache, mut cached) = (self.engine.model.new_cache(), 0);
         if let Some(w) = job.cache_key.as_ref().and_then(|k| self.warm.remove(k)) {
             // Reuse the longest shared prefix, but always leave one prompt token to compute so
             // that the step yields logits.
@@ -483,7 +483,7 @@ impl Scheduler {
                 self.clock += 1;
                 let len = r.cache.len();
                 let tokens = r.seq.history[..len].to_vec();
-                let cache = std::mem::replace(&mut r.cache, KvCache::new(self.shape));
+                let cache = std::mem::replace(&mut r.cache, self.engine.model.new_cache());
                 self.warm.insert(
                     key,
                     Warm {

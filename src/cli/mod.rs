@@ -9,17 +9,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, LoadOptions};
 
-/// Loads the model at `path`, with a clear error that says what to run when it is missing.
-pub fn load(path: &Path) -> Result<Engine> {
+/// Loads the model at `path` onto `opts`' device, with a progress bar and a clear error that
+/// says what to run when it is missing.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<Engine> {
     let started = std::time::Instant::now();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let engine = Engine::load_with_progress(path, &|done, total| {
+    let engine = Engine::load_with(path, opts, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
     });

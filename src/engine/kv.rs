@@ -1,9 +1,13 @@
 //! The KV cache of one sequence, grown in fixed blocks of positions.
 //!
-//! A [`KvBlock`] holds K and V (f16) of [`BLOCK_LEN`] positions for every layer and KV head,
-//! laid out so that one head's positions are contiguous. Growing the cache appends a block;
-//! nothing is ever re-concatenated. The caller owns caches: it keeps one per sequence, frees it,
-//! or keeps it warm and truncates it to a shared prefix.
+//! On the CPU a [`KvBlock`] holds K and V (f16) of [`BLOCK_LEN`] positions for every layer and
+//! KV head, laid out so that one head's positions are contiguous. On a device the blocks live in
+//! the backend's per-layer slabs and the cache holds only their ids, handed out by a
+//! [`BlockPool`]. Growing the cache appends a block; nothing is ever re-concatenated. The caller
+//! owns caches: it keeps one per sequence, frees it, or keeps it warm and truncates it to a
+//! shared prefix.
+
+use std::sync::{Arc, Mutex};
 
 use half::{f16, slice::HalfFloatSliceExt};
 
@@ -46,10 +50,44 @@ pub struct KvBlock {
     data: Box<[f16]>,
 }
 
+/// The ids of a device's KV blocks that no cache holds.
+pub struct BlockPool {
+    free: Mutex<Vec<u32>>,
+    total: usize,
+}
+
+impl BlockPool {
+    pub fn new(total: usize) -> Arc<Self> {
+        Arc::new(Self {
+            // Popped from the end: low ids first.
+            free: Mutex::new((0..total as u32).rev().collect()),
+            total,
+        })
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        // The list stays valid whatever a panicking holder did: recover it.
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+enum Blocks {
+    Host(Vec<KvBlock>),
+    Device { ids: Vec<u32>, pool: Arc<BlockPool> },
+}
+
 /// K and V of one sequence.
 pub struct KvCache {
     shape: KvShape,
-    blocks: Vec<KvBlock>,
+    blocks: Blocks,
     len: usize,
 }
 
@@ -57,8 +95,55 @@ impl KvCache {
     pub fn new(shape: KvShape) -> Self {
         Self {
             shape,
-            blocks: Vec::new(),
+            blocks: Blocks::Host(Vec::new()),
             len: 0,
+        }
+    }
+
+    /// A cache whose blocks live on a device, taken from `pool` as it grows.
+    pub fn on_device(shape: KvShape, pool: Arc<BlockPool>) -> Self {
+        Self {
+            shape,
+            blocks: Blocks::Device {
+                ids: Vec::new(),
+                pool,
+            },
+            len: 0,
+        }
+    }
+
+    /// The pool of a device cache (`None` on the CPU).
+    pub fn pool(&self) -> Option<&Arc<BlockPool>> {
+        match &self.blocks {
+            Blocks::Host(_) => None,
+            Blocks::Device { pool, .. } => Some(pool),
+        }
+    }
+
+    /// The device block ids, in position order (empty on the CPU).
+    pub fn block_ids(&self) -> &[u32] {
+        match &self.blocks {
+            Blocks::Host(_) => &[],
+            Blocks::Device { ids, .. } => ids,
+        }
+    }
+
+    fn n_blocks(&self) -> usize {
+        match &self.blocks {
+            Blocks::Host(b) => b.len(),
+            Blocks::Device { ids, .. } => ids.len(),
+        }
+    }
+
+    /// Blocks that growing by `n` positions would add.
+    pub fn blocks_needed(&self, n: usize) -> usize {
+        (self.len + n).div_ceil(BLOCK_LEN) - self.n_blocks()
+    }
+
+    fn host(&self) -> &[KvBlock] {
+        match &self.blocks {
+            Blocks::Host(b) => b,
+            Blocks::Device { .. } => panic!("host access to a device KV cache"),
         }
     }
 
@@ -77,7 +162,7 @@ impl KvCache {
 
     /// Bytes held by the blocks.
     pub fn bytes(&self) -> usize {
-        self.blocks.len() * self.shape.block_bytes()
+        self.n_blocks() * self.shape.block_bytes()
     }
 
     /// Bytes this cache would hold with `positions` positions.
@@ -85,14 +170,26 @@ impl KvCache {
         positions.div_ceil(BLOCK_LEN) * shape.block_bytes()
     }
 
-    /// Makes room for `n` more positions and returns the first new one.
+    /// Makes room for `n` more positions and returns the first new one. A device cache takes
+    /// its blocks from the pool; the caller checks [`Self::blocks_needed`] against
+    /// [`BlockPool::free_blocks`] first (the forward does), so running out is a bug.
     pub fn grow(&mut self, n: usize) -> usize {
         let start = self.len;
+        let want = (self.len + n).div_ceil(BLOCK_LEN);
         self.len += n;
-        while self.blocks.len() * BLOCK_LEN < self.len {
-            self.blocks.push(KvBlock {
-                data: vec![f16::ZERO; self.shape.block_elems()].into_boxed_slice(),
-            });
+        match &mut self.blocks {
+            Blocks::Host(blocks) => {
+                let elems = self.shape.block_elems();
+                blocks.resize_with(want.max(blocks.len()), || KvBlock {
+                    data: vec![f16::ZERO; elems].into_boxed_slice(),
+                });
+            }
+            Blocks::Device { ids, pool } => {
+                let mut free = pool.lock();
+                while ids.len() < want {
+                    ids.push(free.pop().expect("KV block pool exhausted"));
+                }
+            }
         }
         start
     }
@@ -101,7 +198,15 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         if len < self.len {
             self.len = len;
-            self.blocks.truncate(len.div_ceil(BLOCK_LEN));
+            let keep = len.div_ceil(BLOCK_LEN);
+            match &mut self.blocks {
+                Blocks::Host(blocks) => blocks.truncate(keep),
+                Blocks::Device { ids, pool } => {
+                    if keep < ids.len() {
+                        pool.lock().extend(ids.drain(keep..).rev());
+                    }
+                }
+            }
         }
     }
 
@@ -116,7 +221,10 @@ impl KvCache {
         for h in 0..self.shape.n_kv_heads {
             for (is_v, src) in [(0, k), (1, v)] {
                 let o = self.offset(layer, is_v, h) + p * hd;
-                let dst = &mut self.blocks[b].data[o..o + hd];
+                let Blocks::Host(blocks) = &mut self.blocks else {
+                    panic!("host write to a device KV cache")
+                };
+                let dst = &mut blocks[b].data[o..o + hd];
                 // F16C when the CPU has it (half detects it at run time).
                 dst.convert_from_f32_slice(&src[h * hd..(h + 1) * hd]);
             }
@@ -133,7 +241,7 @@ impl KvCache {
     ) -> impl Iterator<Item = &[f16]> + '_ {
         let hd = self.shape.head_dim;
         let o = self.offset(layer, is_v as usize, head);
-        self.blocks
+        self.host()
             .iter()
             .take(upto.div_ceil(BLOCK_LEN))
             .enumerate()
@@ -144,11 +252,23 @@ impl KvCache {
     }
 }
 
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        if let Blocks::Device { ids, pool } = &mut self.blocks {
+            pool.lock().append(ids);
+        }
+    }
+}
+
 impl KvCache {
     /// Appends `n` positions of made-up K and V (benchmarks: a cache "at position n" without
-    /// paying for the prefill). Every byte is written, so the memory is really held.
+    /// paying for the prefill). Every byte is written, so the memory is really held (a device
+    /// cache's slabs are allocated up front: there it only takes the blocks).
     pub fn fill_synthetic(&mut self, n: usize) {
         let start = self.grow(n);
+        if self.pool().is_some() {
+            return;
+        }
         let width = self.shape.n_kv_heads * self.shape.head_dim;
         let row: Vec<f32> = (0..width)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)

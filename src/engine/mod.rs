@@ -4,8 +4,12 @@
 //! Plain synchronous Rust: no async runtime, no actors, no SQL. The model actor drives it.
 
 pub mod config;
+mod cpu;
+pub mod device;
 pub mod generate;
 pub mod gguf;
+#[cfg(feature = "candle")]
+mod gpu;
 pub mod interleaved;
 pub mod kv;
 pub mod matmul;
@@ -21,9 +25,10 @@ pub mod tokenizer;
 use std::path::Path;
 
 pub use config::{Architecture, ModelConfig};
+pub use device::{DeviceChoice, Placement};
 pub use generate::{FinishReason, SequenceState, StopCondition};
 pub use kv::KvCache;
-pub use model::{Logits, Model, SeqInput};
+pub use model::{LoadOptions, Logits, Model, SeqInput};
 pub use sampler::{Sampler, SamplingParams};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;
@@ -49,8 +54,14 @@ pub enum EngineError {
     TokenOutOfRange(u32, usize),
     #[error("the prompt needs {needed} positions but the context holds {context}")]
     ContextOverflow { needed: usize, context: usize },
-    #[error("the KV cache was made for another model")]
+    #[error("the KV cache was made for another model or device")]
     CacheShape,
+    #[error("the device's KV cache is full: the step needs {needed} blocks, {free} are free")]
+    KvFull { needed: usize, free: usize },
+    #[error("device {device} cannot be used: {why}")]
+    DeviceUnavailable { device: String, why: String },
+    #[error("the device failed: {0}")]
+    Device(String),
 }
 
 /// A loaded model with everything needed to chat with it.
@@ -74,6 +85,15 @@ impl Engine {
         path: &Path,
         progress: &dyn Fn(u64, u64),
     ) -> Result<Self, EngineError> {
+        Self::load_with(path, &LoadOptions::default(), progress)
+    }
+
+    /// As [`Engine::load_with_progress`], onto the device `opts` names.
+    pub fn load_with(
+        path: &Path,
+        opts: &LoadOptions,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<Self, EngineError> {
         if !path.exists() {
             return Err(EngineError::ModelMissing {
                 path: path.display().to_string(),
@@ -85,7 +105,7 @@ impl Engine {
         })?;
         let total: u64 = file.tensors.values().map(|t| t.len as u64).sum();
         let done = std::cell::Cell::new(0u64);
-        let model = Model::load(&file, None, &|n| {
+        let model = Model::load(&file, None, opts, &|n| {
             done.set(done.get() + n);
             progress(done.get(), total);
         })?;
@@ -140,6 +160,7 @@ impl Engine {
             layers = model.cfg.n_layers,
             hidden = model.cfg.hidden,
             context = model.cfg.context_length,
+            device = %model.device_name(),
             "model loaded"
         );
         Ok(Self {

@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Checks a smolchat binary's logits on one device against Hugging Face transformers.
+
+Usage: check-logits.py BINARY DEVICE
+
+Runs `smolchat --device DEVICE logits` on the tiny SmolLM3 (NoPE layers) and tiny llama fixture
+models for every reference sequence (tests/data/tiny-smollm3/reference.json, made by
+transformers) and holds the top-10 logits to the same bounds as the Rust tests: within 2.0 (8-bit
+activations), and the same top-1 token wherever the reference's gap is at least 1.0. Made for
+the lent GPU machines, where there is no cargo; CI runs it on the CPU so it stays working.
+"""
+import json
+import pathlib
+import subprocess
+import sys
+
+TOL = 2.0
+GAP_MIN = 1.0
+root = pathlib.Path(__file__).resolve().parent.parent
+data = root / "tests/data/tiny-smollm3"
+
+
+def main() -> int:
+    binary, device = sys.argv[1], sys.argv[2]
+    ref = json.loads((data / "reference.json").read_text())
+    worst = 0.0
+    for model, variant in [
+        ("tiny-smollm3-q8_0.gguf", "q8_0_nope"),
+        ("tiny-llama-rope-all-q8_0.gguf", "q8_0_rope_all"),
+    ]:
+        for seq, want in zip(ref["sequences"], ref["variants"][variant]):
+            ids = ",".join(str(i) for i in seq["ids"])
+            out = subprocess.run(
+                [binary, "--model", str(data / model), "--device", device,
+                 "logits", "--ids", ids, "--top", "50"],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip().splitlines()[-1]
+            got = json.loads(out)["positions"]
+            for p, (g, w) in enumerate(zip(got, want["positions"])):
+                ours = {int(i): l for i, l in g["top"]}
+                for tid, tl in zip(w["top_ids"], w["top_logits"]):
+                    # A reference top-10 token outside our top 50 is far off.
+                    d = abs(ours.get(int(tid), float("-inf")) - tl)
+                    worst = max(worst, d)
+                    if d >= TOL:
+                        print(f"FAIL {variant}/{seq['name']} position {p} token {tid}: "
+                              f"{ours.get(int(tid))} vs {tl}")
+                        return 1
+                gap = w["top_logits"][0] - w["top_logits"][1]
+                if gap >= GAP_MIN and g["top"][0][0] != w["top_ids"][0]:
+                    print(f"FAIL {variant}/{seq['name']} position {p}: top-1 "
+                          f"{g['top'][0][0]} vs {w['top_ids'][0]}")
+                    return 1
+    print(f"ok: {device} matches transformers on the tiny models "
+          f"(largest top-10 logit difference {worst:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+//! The packed-batch forward on candle tensors: NVIDIA GPUs through candle's CUDA backend
+//! (feature `cuda`), or candle's CPU device (feature `candle`), which runs the very same code
+//! where there is no GPU, so the tests check it against the references.
+//!
+//! Weights stay in their GGUF blocks as candle `QMatMul`s (candle's MMVQ kernels for up to 8
+//! rows, its tiled MMQ kernels above). The KV cache lives in one pair of slabs per layer, rows of
+//! `head_dim` f16 values, cut into the same 32-position blocks as on the CPU; a sequence's cache
+//! is a list of block ids from a [`BlockPool`]. Each step uploads its few index tables once (token
+//! ids, RoPE rows, where each new K/V row goes, which rows each attention reads) and then runs
+//! every layer on the device: new K/V rows are scattered into the slabs, and attention gathers
+//! each sequence's rows back. All decode rows share one batched attention, padded to the longest
+//! of them and masked; each prompt chunk has its own causal one. Only the sampled rows'
+//! logits come back to the host.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::config::ModelConfig;
+use super::kv::{BlockPool, KvShape, BLOCK_LEN};
+use super::model::{inv_freq, rope_tables, Logits, RawMatrix, SeqInput, WeightSource, Weights};
+use super::quant::GgmlType;
+use super::EngineError;
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        // Without the backtrace candle appends when RUST_BACKTRACE is set.
+        EngineError::Device(e.to_string().lines().next().unwrap_or_default().to_owned())
+    }
+}
+
+/// A masked-out attention score: far below any real one, and finite (so `0 × MASKED` is 0).
+const MASKED: f64 = -1e30;
+
+pub struct CandleModel {
+    device: Device,
+    w: Weights<QMatMul, Tensor>,
+    /// Per layer, the K and V slabs: `blocks × n_kv_heads × BLOCK_LEN` rows of `head_dim`.
+    kv: Vec<(Tensor, Tensor)>,
+    pool: Arc<BlockPool>,
+    inv_freq: Vec<f32>,
+}
+
+fn candle_dtype(ty: GgmlType) -> Result<GgmlDType, EngineError> {
+    Ok(match ty {
+        GgmlType::F32 => GgmlDType::F32,
+        GgmlType::F16 => GgmlDType::F16,
+        GgmlType::BF16 => GgmlDType::BF16,
+        GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q4_1 => GgmlDType::Q4_1,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
+        GgmlType::Q5_1 => GgmlDType::Q5_1,
+        GgmlType::Q8_0 => GgmlDType::Q8_0,
+        GgmlType::Q4K => GgmlDType::Q4K,
+        GgmlType::Q5K => GgmlDType::Q5K,
+        GgmlType::Q6K => GgmlDType::Q6K,
+        #[allow(unreachable_patterns)]
+        other => {
+            return Err(EngineError::Device(format!(
+                "weights of type {other:?} have no candle kernel"
+            )))
+        }
+    })
+}
+
+/// Copies a matrix's blocks onto the device as it is in the file, then lets the mapped pages go.
+fn upload(raw: RawMatrix, device: &Device) -> Result<QMatMul, EngineError> {
+    let storage = QStorage::from_data(Cow::Borrowed(raw.data()), device, candle_dtype(raw.ty)?)?;
+    let m = QMatMul::from_qtensor(QTensor::new(storage, (raw.rows, raw.cols))?)?;
+    if let Some(release) = raw.release {
+        release();
+    }
+    Ok(m)
+}
+
+/// The slab row of `head`'s K (or V) at `pos` in a cache made of blocks `ids`.
+fn slab_row(ids: &[u32], n_kv: usize, head: usize, pos: usize) -> u32 {
+    ((ids[pos / BLOCK_LEN] as usize * n_kv + head) * BLOCK_LEN + pos % BLOCK_LEN) as u32
+}
+
+/// One attention over rows of the packed batch: `b` sequences of `q_rows` query rows each,
+/// reading `len` cache positions through `gather` and masked by `mask`.
+struct Attention {
+    row0: usize,
+    b: usize,
+    q_rows: usize,
+    len: usize,
+    /// Slab rows, `b × n_kv × len`.
+    gather: Tensor,
+    /// 0 or [`MASKED`], `b × 1 × 1 × len` for decode rows, `q_rows × len` for a prompt chunk.
+    mask: Tensor,
+}
+
+impl CandleModel {
+    pub(super) fn build(
+        cfg: &ModelConfig,
+        src: &mut WeightSource,
+        device: &Device,
+        kv_bytes: usize,
+    ) -> Result<Self, EngineError> {
+        let w = Weights::build(cfg, src, &mut |raw| upload(raw, device), &mut |v| {
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, device)?)
+        })?;
+        let shape = KvShape::of(cfg);
+        let blocks = (kv_bytes / shape.block_bytes()).max(1);
+        let rows = blocks * cfg.n_kv_heads * BLOCK_LEN;
+        let kv = (0..cfg.n_layers)
+            .map(|_| {
+                let zeros = || Tensor::zeros((rows, cfg.head_dim), DType::F16, device);
+                Ok((zeros()?, zeros()?))
+            })
+            .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        tracing::info!(
+            blocks,
+            positions = blocks * BLOCK_LEN,
+            mib = (blocks * shape.block_bytes()) >> 20,
+            "KV cache allocated on the device"
+        );
+        Ok(Self {
+            device: device.clone(),
+            w,
+            kv,
+            pool: BlockPool::new(blocks),
+            inv_freq: inv_freq(cfg),
+        })
+    }
+
+    pub fn pool(&self) -> &Arc<BlockPool> {
+        &self.pool
+    }
+
+    pub fn device_name(&self) -> String {
+        match self.device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => {
+                #[cfg(feature = "cuda")]
+                if let Ok(d) = self.device.as_cuda_device() {
+                    if let Ok(name) = d.cuda_stream().context().name() {
+                        return format!("cuda:{gpu_id} ({name})");
+                    }
+                }
+                format!("cuda:{gpu_id}")
+            }
+            _ => "candle-cpu".into(),
+        }
+    }
+
+    /// (used, total) bytes of GPU memory.
+    pub fn device_memory(&self) -> Option<(usize, usize)> {
+        #[cfg(feature = "cuda")]
+        if let Ok(d) = self.device.as_cuda_device() {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            return Some((total - free, total));
+        }
+        None
+    }
+
+    /// Runs one packed step over a checked batch (see [`super::model::Model::forward`]).
+    pub fn forward(
+        &self,
+        cfg: &ModelConfig,
+        batch: &mut [SeqInput],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self.step(cfg, batch)?)
+    }
+
+    fn step(
+        &self,
+        cfg: &ModelConfig,
+        batch: &mut [SeqInput],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let dev = &self.device;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+        let group = nh / nkv;
+
+        // Rows are packed decode sequences first: all of them share one attention.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].tokens.len() > 1);
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut write_rows = Vec::new();
+        let mut spans = Vec::with_capacity(order.len()); // (first row, rows, start position)
+        for &i in &order {
+            let s = &mut batch[i];
+            let n = s.tokens.len();
+            let start = s.cache.grow(n);
+            let ids = s.cache.block_ids();
+            for p in start..start + n {
+                write_rows.extend((0..nkv).map(|kh| slab_row(ids, nkv, kh, p)));
+            }
+            spans.push((tokens.len(), n, start));
+            tokens.extend_from_slice(s.tokens);
+            positions.extend(start..start + n);
+        }
+        let t = tokens.len();
+
+        let write_idx: Vec<u32> = write_rows
+            .iter()
+            .flat_map(|&r| std::iter::repeat_n(r, hd))
+            .collect();
+        let write_idx = Tensor::from_vec(write_idx, (t * nkv, hd), dev)?;
+        let (mut cos, mut sin) = rope_tables(&self.inv_freq, &positions);
+        let rotated = self.inv_freq.len();
+        if rotated < hd / 2 {
+            // Partial rotary: the pairs past `rope_dims` turn by angle zero.
+            let pad = |v: Vec<f32>, fill: f32| -> Vec<f32> {
+                v.chunks(rotated.max(1))
+                    .flat_map(|r| {
+                        r.iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(fill, hd / 2 - rotated))
+                    })
+                    .collect()
+            };
+            cos = pad(cos, 1.0);
+            sin = pad(sin, 0.0);
+        }
+        let cos = Tensor::from_vec(cos, (t, 1, hd / 2), dev)?;
+        let sin = Tensor::from_vec(sin, (t, 1, hd / 2), dev)?;
+        let attentions = self.plan_attention(batch, &order, &spans, nkv)?;
+
+        let mut x = self.w.embed.embedding(&Tensor::from_vec(tokens, t, dev)?)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.w.layers.iter().enumerate() {
+            let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let mut q = layer.wq.forward(&xn)?;
+            let mut k = layer.wk.forward(&xn)?;
+            let v = layer.wv.forward(&xn)?;
+            if cfg.use_rope[li] {
+                let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                    let x = x.reshape((t, heads, 1, hd))?;
+                    candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?.reshape((t, heads * hd))
+                };
+                q = rope(&q, nh)?;
+                k = rope(&k, nkv)?;
+            }
+            let (slab_k, slab_v) = &self.kv[li];
+            slab_k.scatter_set(
+                &write_idx,
+                &k.to_dtype(DType::F16)?.reshape((t * nkv, hd))?,
+                0,
+            )?;
+            slab_v.scatter_set(
+                &write_idx,
+                &v.to_dtype(DType::F16)?.reshape((t * nkv, hd))?,
+                0,
+            )?;
+
+            let q = (q * scale)?.to_dtype(DType::F16)?;
+            let mut parts = Vec::with_capacity(attentions.len());
+            for a in &attentions {
+                let keys = slab_k.index_select(&a.gather, 0)?;
+                let values = slab_v.index_select(&a.gather, 0)?;
+                let q = q.narrow(0, a.row0, a.b * a.q_rows)?;
+                parts.push(if a.q_rows == 1 {
+                    decode_attention(a, &q, &keys, &values, (nkv, group, hd))?
+                } else {
+                    chunk_attention(a, &q, &keys, &values, (nkv, group, hd))?
+                });
+            }
+            let attn = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
+            x = (x + layer.wo.forward(&attn)?)?;
+
+            let xn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
+            let gate = layer.w_gate.forward(&xn)?;
+            let up = layer.w_up.forward(&xn)?;
+            x = (x + layer.w_down.forward(&(gate.silu()? * up)?)?)?;
+        }
+
+        // Logits only for the rows that are sampled.
+        let mut wanted = Vec::new();
+        let mut rows_of = vec![0; batch.len()];
+        for (&i, &(r0, n, _)) in order.iter().zip(&spans) {
+            let rows: Vec<u32> = match batch[i].logits {
+                Logits::None => vec![],
+                Logits::Last => vec![(r0 + n - 1) as u32],
+                Logits::All => (r0 as u32..(r0 + n) as u32).collect(),
+            };
+            rows_of[i] = rows.len();
+            wanted.extend(rows);
+        }
+        let mut logits = Vec::new();
+        if !wanted.is_empty() {
+            let w = wanted.len();
+            let sel = x.index_select(&Tensor::from_vec(wanted, w, dev)?, 0)?;
+            let sel = candle_nn::ops::rms_norm(&sel, &self.w.out_norm, cfg.rms_eps)?;
+            logits = self.w.output.forward(&sel)?.to_vec2::<f32>()?;
+        }
+        // Back to the caller's order.
+        let mut rows = logits.into_iter();
+        let mut by_internal: Vec<(usize, Vec<f32>)> = order
+            .iter()
+            .map(|&i| (i, rows.by_ref().take(rows_of[i]).flatten().collect()))
+            .collect();
+        by_internal.sort_by_key(|(i, _)| *i);
+        Ok(by_internal.into_iter().map(|(_, l)| l).collect())
+    }
+
+    /// The step's attentions and their index tables, built once and used by every layer.
+    fn plan_attention(
+        &self,
+        batch: &[SeqInput],
+        order: &[usize],
+        spans: &[(usize, usize, usize)],
+        nkv: usize,
+    ) -> candle_core::Result<Vec<Attention>> {
+        let dev = &self.device;
+        let positions_f32 =
+            |range: std::ops::Range<usize>| -> Vec<f32> { range.map(|p| p as f32).collect() };
+        // mask[q, p] = MASKED where key position p is after query position q.
+        let mask = |q_pos: Vec<f32>, len: usize| -> candle_core::Result<Tensor> {
+            let n = q_pos.len();
+            let q_pos = Tensor::from_vec(q_pos, (n, 1), dev)?;
+            let k_pos = Tensor::from_vec(positions_f32(0..len), (1, len), dev)?;
+            k_pos
+                .broadcast_gt(&q_pos)?
+                .to_dtype(DType::F32)?
+                .affine(MASKED, 0.0)
+        };
+        let mut out = Vec::new();
+        let decode = order
+            .iter()
+            .take_while(|&&i| batch[i].tokens.len() == 1)
+            .count();
+        if decode > 0 {
+            let len = spans[..decode]
+                .iter()
+                .map(|&(_, _, st)| st + 1)
+                .max()
+                .unwrap_or(1);
+            let mut gather = Vec::with_capacity(decode * nkv * len);
+            for (&i, &(_, _, start)) in order.iter().zip(spans).take(decode) {
+                let ids = batch[i].cache.block_ids();
+                for kh in 0..nkv {
+                    // Past the sequence's end: any valid row, masked out below.
+                    gather.extend((0..len).map(|p| slab_row(ids, nkv, kh, p.min(start))));
+                }
+            }
+            let q_pos = spans[..decode]
+                .iter()
+                .map(|&(_, _, st)| st as f32)
+                .collect();
+            out.push(Attention {
+                row0: 0,
+                b: decode,
+                q_rows: 1,
+                len,
+                gather: Tensor::from_vec(gather, decode * nkv * len, dev)?,
+                mask: mask(q_pos, len)?.reshape((decode, 1, 1, len))?,
+            });
+        }
+        for (&i, &(row0, n, start)) in order.iter().zip(spans).skip(decode) {
+            let ids = batch[i].cache.block_ids();
+            let len = start + n;
+            let gather: Vec<u32> = (0..nkv)
+                .flat_map(|kh| (0..len).map(move |p| slab_row(ids, nkv, kh, p)))
+                .collect();
+            out.push(Attention {
+                row0,
+                b: 1,
+                q_rows: n,
+                len,
+                gather: Tensor::from_vec(gather, nkv * len, dev)?,
+                mask: mask(positions_f32(start..start + n), len)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Softmax of `scores` (f16) plus `mask`, in f32, back to f16 for the product with V.
+fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let s = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+    candle_nn::ops::softmax_last_dim(&s)?.to_dtype(DType::F16)
+}
+
+/// All decode rows at once: `b` sequences, one query row each, keys padded to the longest.
+fn decode_attention(
+    a: &Attention,
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    (nkv, group, hd): (usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    let q = q.reshape((a.b, nkv, group, hd))?;
+    let keys = keys.reshape((a.b, nkv, a.len, hd))?;
+    let values = values.reshape((a.b, nkv, a.len, hd))?;
+    let p = masked_softmax(&q.matmul(&keys.t()?)?, &a.mask)?; // b × nkv × group × len
+    p.matmul(&values)?.reshape((a.b, nkv * group * hd))
+}
+
+/// One prompt chunk of `q_rows` rows, causal over its cache.
+fn chunk_attention(
+    a: &Attention,
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    (nkv, group, hd): (usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    let n = a.q_rows;
+    // Query rows grouped by KV head, then by query head in the group, then by position.
+    let q = q
+        .reshape((n, nkv, group, hd))?
+        .permute((1, 2, 0, 3))?
+        .contiguous()?
+        .reshape((nkv, group * n, hd))?;
+    let keys = keys.reshape((nkv, a.len, hd))?;
+    let values = values.reshape((nkv, a.len, hd))?;
+    let scores = q.matmul(&keys.t()?)?.reshape((nkv, group, n, a.len))?;
+    let p = masked_softmax(&scores, &a.mask)?.reshape((nkv, group * n, a.len))?;
+    p.matmul(&values)?
+        .reshape((nkv, group, n, hd))?
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((n, nkv * group * hd))
+}
