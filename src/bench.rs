@@ -19,7 +19,7 @@ pub struct BenchReport {
     /// Tokens per second of one stream decoding after a 128-token prompt.
     pub decode_1: f64,
     /// Aggregate tokens per second with B sequences at different positions in one packed step.
-    pub decode_batch: BTreeMap<String, f64>,
+    pub decode_batch: BTreeMap<usize, f64>,
     /// Aggregate decode tokens/s with 16 sequences of 1,000 tokens each.
     pub decode_16_at_1000: f64,
     /// Peak resident memory of the process (after the 16 × 1,000 case), MB.
@@ -143,7 +143,7 @@ pub fn run(model: &Model, batches: &[usize]) -> BenchReport {
             None => 0.0,
         };
         tracing::info!(batch = b, rate, "bench");
-        decode_batch.insert(b.to_string(), rate);
+        decode_batch.insert(b, rate);
     }
 
     let decode_16_at_1000 = match filled(model, &[1000; 16]) {

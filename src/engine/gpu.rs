@@ -13,6 +13,7 @@
 //! logits come back to the host.
 
 use std::borrow::Cow;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
@@ -34,9 +35,65 @@ impl From<candle_core::Error> for EngineError {
 /// A masked-out attention score: far below any real one, and finite (so `0 × MASKED` is 0).
 const MASKED: f64 = -1e30;
 
+/// Matrices that read the same input (Q, K, V; gate, up). When their blocks are of one type they
+/// are one matrix on the device, so one kernel reads them all; the outputs are column ranges.
+struct Fused {
+    mats: Vec<QMatMul>,
+    widths: Vec<usize>,
+}
+
+impl Fused {
+    fn new(raws: &[&RawMatrix], device: &Device) -> Result<Self, EngineError> {
+        let widths = raws.iter().map(|r| r.rows).collect();
+        let one_type = raws
+            .iter()
+            .all(|r| r.ty == raws[0].ty && r.cols == raws[0].cols);
+        let mats = if one_type && raws.len() > 1 {
+            let mut bytes = Vec::with_capacity(raws.iter().map(|r| r.data().len()).sum());
+            for r in raws {
+                bytes.extend_from_slice(r.data());
+            }
+            let rows = raws.iter().map(|r| r.rows).sum();
+            vec![upload(&bytes, raws[0].ty, rows, raws[0].cols, device)?]
+        } else {
+            raws.iter()
+                .map(|r| upload(r.data(), r.ty, r.rows, r.cols, device))
+                .collect::<Result<_, _>>()?
+        };
+        Ok(Self { mats, widths })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        if self.mats.len() == self.widths.len() {
+            return self.mats.iter().map(|m| m.forward(x)).collect();
+        }
+        let y = self.mats[0].forward(x)?;
+        let mut at = 0;
+        self.widths
+            .iter()
+            .map(|&w| {
+                at += w;
+                y.narrow(1, at - w, w)
+            })
+            .collect()
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    qkv: Fused,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    gate_up: Fused,
+    w_down: QMatMul,
+}
+
 pub struct CandleModel {
     device: Device,
-    w: Weights<QMatMul, Tensor>,
+    embed: QMatMul,
+    layers: Vec<Layer>,
+    out_norm: Tensor,
+    output: QMatMul,
     /// Per layer, the K and V slabs: `blocks × n_kv_heads × BLOCK_LEN` rows of `head_dim`.
     kv: Vec<(Tensor, Tensor)>,
     pool: Arc<BlockPool>,
@@ -65,14 +122,29 @@ fn candle_dtype(ty: GgmlType) -> Result<GgmlDType, EngineError> {
     })
 }
 
-/// Copies a matrix's blocks onto the device as it is in the file, then lets the mapped pages go.
-fn upload(raw: RawMatrix, device: &Device) -> Result<QMatMul, EngineError> {
-    let storage = QStorage::from_data(Cow::Borrowed(raw.data()), device, candle_dtype(raw.ty)?)?;
-    let m = QMatMul::from_qtensor(QTensor::new(storage, (raw.rows, raw.cols))?)?;
-    if let Some(release) = raw.release {
-        release();
+/// Copies a matrix's blocks onto the device as they are in the file.
+fn upload(
+    bytes: &[u8],
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    device: &Device,
+) -> Result<QMatMul, EngineError> {
+    let storage = QStorage::from_data(Cow::Borrowed(bytes), device, candle_dtype(ty)?)?;
+    Ok(QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?)
+}
+
+fn upload_raw(raw: &RawMatrix, device: &Device) -> Result<QMatMul, EngineError> {
+    upload(raw.data(), raw.ty, raw.rows, raw.cols, device)
+}
+
+/// Lets a file's mapped pages go once the device holds the matrix.
+fn release(raw: Rc<RawMatrix>) {
+    if let Ok(raw) = Rc::try_unwrap(raw) {
+        if let Some(release) = raw.release {
+            release();
+        }
     }
-    Ok(m)
 }
 
 /// The slab row of `head`'s K (or V) at `pos` in a cache made of blocks `ids`.
@@ -100,10 +172,36 @@ impl CandleModel {
         device: &Device,
         kv_bytes: usize,
     ) -> Result<Self, EngineError> {
-        let w = Weights::build(cfg, src, &mut |raw| upload(raw, device), &mut |v| {
+        // The blocks first (mapped pages, or random bytes), then onto the device layer by layer,
+        // fusing what reads the same input.
+        let w = Weights::build(cfg, src, &mut |raw| Ok(Rc::new(raw)), &mut |v| Ok(v))?;
+        let vector = |v: Vec<f32>| -> candle_core::Result<Tensor> {
             let n = v.len();
-            Ok(Tensor::from_vec(v, n, device)?)
-        })?;
+            Tensor::from_vec(v, n, device)
+        };
+        let embed = upload_raw(&w.embed, device)?;
+        let output = if Rc::ptr_eq(&w.output, &w.embed) {
+            embed.clone()
+        } else {
+            upload_raw(&w.output, device)?
+        };
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in w.layers {
+            layers.push(Layer {
+                attn_norm: vector(l.attn_norm)?,
+                qkv: Fused::new(&[&l.wq, &l.wk, &l.wv], device)?,
+                wo: upload_raw(&l.wo, device)?,
+                ffn_norm: vector(l.ffn_norm)?,
+                gate_up: Fused::new(&[&l.w_gate, &l.w_up], device)?,
+                w_down: upload_raw(&l.w_down, device)?,
+            });
+            for m in [l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down] {
+                release(m);
+            }
+        }
+        let out_norm = vector(w.out_norm)?;
+        drop(w.output);
+        release(w.embed);
         let shape = KvShape::of(cfg);
         let blocks = (kv_bytes / shape.block_bytes()).max(1);
         let rows = blocks * cfg.n_kv_heads * BLOCK_LEN;
@@ -113,7 +211,12 @@ impl CandleModel {
                 Ok((zeros()?, zeros()?))
             })
             .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        let fused = layers
+            .iter()
+            .map(|l| (l.qkv.mats.len() == 1) as usize + (l.gate_up.mats.len() == 1) as usize)
+            .sum::<usize>();
         tracing::info!(
+            fused_projections = fused,
             blocks,
             positions = blocks * BLOCK_LEN,
             mib = (blocks * shape.block_bytes()) >> 20,
@@ -121,7 +224,10 @@ impl CandleModel {
         );
         Ok(Self {
             device: device.clone(),
-            w,
+            embed,
+            layers,
+            out_norm,
+            output,
             kv,
             pool: BlockPool::new(blocks),
             inv_freq: inv_freq(cfg),
@@ -221,16 +327,18 @@ impl CandleModel {
         let sin = Tensor::from_vec(sin, (t, 1, hd / 2), dev)?;
         let attentions = self.plan_attention(batch, &order, &spans, nkv)?;
 
-        let mut x = self.w.embed.embedding(&Tensor::from_vec(tokens, t, dev)?)?;
+        let mut x = self.embed.embedding(&Tensor::from_vec(tokens, t, dev)?)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        for (li, layer) in self.w.layers.iter().enumerate() {
+        for (li, layer) in self.layers.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let mut q = layer.wq.forward(&xn)?;
-            let mut k = layer.wk.forward(&xn)?;
-            let v = layer.wv.forward(&xn)?;
+            let [mut q, mut k, v]: [Tensor; 3] = layer
+                .qkv
+                .forward(&xn)?
+                .try_into()
+                .expect("three projections");
             if cfg.use_rope[li] {
                 let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
-                    let x = x.reshape((t, heads, 1, hd))?;
+                    let x = x.contiguous()?.reshape((t, heads, 1, hd))?;
                     candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?.reshape((t, heads * hd))
                 };
                 q = rope(&q, nh)?;
@@ -260,12 +368,19 @@ impl CandleModel {
                     chunk_attention(a, &q, &keys, &values, (nkv, group, hd))?
                 });
             }
-            let attn = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
+            let attn = match parts.len() {
+                1 => parts.pop().expect("one part"),
+                _ => Tensor::cat(&parts, 0)?,
+            }
+            .to_dtype(DType::F32)?;
             x = (x + layer.wo.forward(&attn)?)?;
 
             let xn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let gate = layer.w_gate.forward(&xn)?;
-            let up = layer.w_up.forward(&xn)?;
+            let [gate, up]: [Tensor; 2] = layer
+                .gate_up
+                .forward(&xn)?
+                .try_into()
+                .expect("two projections");
             x = (x + layer.w_down.forward(&(gate.silu()? * up)?)?)?;
         }
 
@@ -285,8 +400,8 @@ impl CandleModel {
         if !wanted.is_empty() {
             let w = wanted.len();
             let sel = x.index_select(&Tensor::from_vec(wanted, w, dev)?, 0)?;
-            let sel = candle_nn::ops::rms_norm(&sel, &self.w.out_norm, cfg.rms_eps)?;
-            logits = self.w.output.forward(&sel)?.to_vec2::<f32>()?;
+            let sel = candle_nn::ops::rms_norm(&sel, &self.out_norm, cfg.rms_eps)?;
+            logits = self.output.forward(&sel)?.to_vec2::<f32>()?;
         }
         // Back to the caller's order.
         let mut rows = logits.into_iter();
