@@ -243,6 +243,12 @@ fn run(args: Args) -> Result<()> {
                 kv_bytes: scheduler.kv_budget_bytes,
             };
             let engine = std::sync::Arc::new(cli::load(&args.model, &opts)?);
+            let mut scheduler = scheduler;
+            if let Some(pool) = engine.model.block_pool() {
+                // The device may have had room for fewer KV blocks than asked.
+                let held = pool.total() * engine.model.kv_shape().block_bytes();
+                scheduler.kv_budget_bytes = scheduler.kv_budget_bytes.min(held);
+            }
             let addr: std::net::SocketAddr = format!("{host}:{port}").parse().or_else(|_| {
                 std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
                     .next()

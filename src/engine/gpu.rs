@@ -147,6 +147,16 @@ fn release(raw: Rc<RawMatrix>) {
     }
 }
 
+/// (free, total) bytes of a CUDA device's memory; `None` elsewhere.
+fn cuda_memory(device: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = device.as_cuda_device() {
+        return d.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = device;
+    None
+}
+
 /// The slab row of `head`'s K (or V) at `pos` in a cache made of blocks `ids`.
 fn slab_row(ids: &[u32], n_kv: usize, head: usize, pos: usize) -> u32 {
     ((ids[pos / BLOCK_LEN] as usize * n_kv + head) * BLOCK_LEN + pos % BLOCK_LEN) as u32
@@ -203,6 +213,20 @@ impl CandleModel {
         drop(w.output);
         release(w.embed);
         let shape = KvShape::of(cfg);
+        let mut kv_bytes = kv_bytes;
+        if let Some((free, _)) = cuda_memory(device) {
+            // Leave a tenth of what is free (and 1 GiB at least) for activations and candle's
+            // buffers: a budget the card cannot hold is cut down, with a word in the log.
+            let room = free.saturating_sub((free / 10).max(1 << 30));
+            if kv_bytes > room {
+                tracing::warn!(
+                    asked_mib = kv_bytes >> 20,
+                    room_mib = room >> 20,
+                    "the KV budget does not fit on the GPU; using what fits"
+                );
+                kv_bytes = room;
+            }
+        }
         let blocks = (kv_bytes / shape.block_bytes()).max(1);
         let rows = blocks * cfg.n_kv_heads * BLOCK_LEN;
         let kv = (0..cfg.n_layers)
@@ -255,12 +279,7 @@ impl CandleModel {
 
     /// (used, total) bytes of GPU memory.
     pub fn device_memory(&self) -> Option<(usize, usize)> {
-        #[cfg(feature = "cuda")]
-        if let Ok(d) = self.device.as_cuda_device() {
-            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
-            return Some((total - free, total));
-        }
-        None
+        cuda_memory(&self.device).map(|(free, total)| (total - free, total))
     }
 
     /// Runs one packed step over a checked batch (see [`super::model::Model::forward`]).
