@@ -110,6 +110,13 @@ impl<'a> WeightSource<'a> {
                 })
             }
             Self::Random { ty, state } => {
+                // A row that is no whole number of blocks (SmolLM2's 576 in 256-value K-quant
+                // blocks) takes Q8_0, as llama.cpp's quantizer falls back too.
+                let ty = if cols % ty.block().0 == 0 {
+                    *ty
+                } else {
+                    GgmlType::Q8_0
+                };
                 let mut b: Vec<u8> = (0..ty.row_bytes(cols) * rows)
                     .map(|_| {
                         *state ^= *state << 13;
@@ -118,9 +125,9 @@ impl<'a> WeightSource<'a> {
                         *state as u8
                     })
                     .collect();
-                super::quant::sanitize_random_scales(*ty, &mut b);
+                super::quant::sanitize_random_scales(ty, &mut b);
                 Ok(RawMatrix {
-                    ty: *ty,
+                    ty,
                     rows,
                     cols,
                     bytes: Arc::new(b),
@@ -459,4 +466,25 @@ fn bad_tensor(t: &TensorInfo, why: &str) -> EngineError {
         name: t.name.clone(),
         why: why.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_k_quant_weights_fall_back_where_a_row_is_no_whole_block() {
+        let mut src = WeightSource::Random {
+            ty: GgmlType::Q4K,
+            state: 3,
+        };
+        // SmolLM2's 576 columns are no whole number of 256-value Q4_K blocks: Q8_0.
+        let narrow = src.matrix("w", 8, 576).unwrap();
+        assert_eq!(narrow.ty, GgmlType::Q8_0);
+        assert_eq!(narrow.data().len(), 8 * GgmlType::Q8_0.row_bytes(576));
+        // 1536 columns are 6 blocks: Q4_K as asked.
+        let wide = src.matrix("w", 8, 1536).unwrap();
+        assert_eq!(wide.ty, GgmlType::Q4K);
+        assert_eq!(wide.data().len(), 8 * 6 * 144);
+    }
 }
