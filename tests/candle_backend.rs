@@ -61,6 +61,16 @@ fn packed_decode_rows_and_prompt_chunks_give_each_sequence_its_own_tokens() {
 }
 
 #[test]
+fn decode_rows_split_into_attention_groups_still_get_their_own_tokens() {
+    // Every decode row its own attention group (other tests' models may pick this up too:
+    // it is as correct as one group, only slower).
+    std::env::set_var("SMOLCHAT_DECODE_GROUP_COST", "0");
+    let model = tiny(16 << 20);
+    let (packed, alone) = packed_and_alone(&model, 12);
+    assert_eq!(packed, alone);
+}
+
+#[test]
 fn candle_and_cpu_backends_agree_on_every_position() {
     let path = data("tiny-smollm3/tiny-smollm3-q8_0.gguf");
     // The CPU engine with float activations: the model itself, as transformers has it.

@@ -32,6 +32,35 @@ impl From<candle_core::Error> for EngineError {
     }
 }
 
+/// The default cost of one more decode attention group (its dozen kernel launches per layer),
+/// in key rows of padding it must save: 64 sequences × 256 positions. Tunable with
+/// `SMOLCHAT_DECODE_GROUP_COST` until it is measured on a GPU.
+const DECODE_GROUP_COST: usize = 16384;
+
+/// Splits decode rows, sorted by cache length, into attention groups: each group is padded to
+/// its longest row, and a group costs `group_cost` padded rows of its own. The split minimises
+/// the total (a small dynamic program over the sorted lengths).
+fn decode_groups(lens: &[usize], group_cost: usize) -> Vec<std::ops::Range<usize>> {
+    let n = lens.len();
+    // best[j]: the least cost of rows 0..j, and where its last group starts.
+    let mut best = vec![(0usize, 0usize); n + 1];
+    for j in 1..=n {
+        best[j] = (0..j)
+            .map(|i| (best[i].0 + group_cost + (j - i) * lens[j - 1], i))
+            .min()
+            .expect("at least one split");
+    }
+    let mut groups = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        let i = best[j].1;
+        groups.push(i..j);
+        j = i;
+    }
+    groups.reverse();
+    groups
+}
+
 /// A masked-out attention score: far below any real one, and finite (so `0 × MASKED` is 0).
 const MASKED: f64 = -1e30;
 
@@ -98,6 +127,8 @@ pub struct CandleModel {
     kv: Vec<(Tensor, Tensor)>,
     pool: Arc<BlockPool>,
     inv_freq: Vec<f32>,
+    /// What another decode attention group costs, in padded key rows (see [`decode_groups`]).
+    decode_group_cost: usize,
 }
 
 fn candle_dtype(ty: GgmlType) -> Result<GgmlDType, EngineError> {
@@ -255,6 +286,10 @@ impl CandleModel {
             kv,
             pool: BlockPool::new(blocks),
             inv_freq: inv_freq(cfg),
+            decode_group_cost: std::env::var("SMOLCHAT_DECODE_GROUP_COST")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DECODE_GROUP_COST),
         })
     }
 
@@ -302,7 +337,11 @@ impl CandleModel {
 
         // Rows are packed decode sequences first: all of them share one attention.
         let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by_key(|&i| batch[i].tokens.len() > 1);
+        // Decode rows by length, then prompt chunks.
+        order.sort_by_key(|&i| match batch[i].tokens.len() {
+            1 => (false, batch[i].cache.len()),
+            _ => (true, 0),
+        });
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut write_rows = Vec::new();
@@ -458,31 +497,26 @@ impl CandleModel {
             .iter()
             .take_while(|&&i| batch[i].tokens.len() == 1)
             .count();
-        if decode > 0 {
-            let len = spans[..decode]
-                .iter()
-                .map(|&(_, _, st)| st + 1)
-                .max()
-                .unwrap_or(1);
-            let mut gather = Vec::with_capacity(decode * nkv * len);
-            for (&i, &(_, _, start)) in order.iter().zip(spans).take(decode) {
+        // Decode rows are sorted by length: groups of similar lengths pad less.
+        let lens: Vec<usize> = spans[..decode].iter().map(|&(_, _, st)| st + 1).collect();
+        for g in decode_groups(&lens, self.decode_group_cost) {
+            let (b, len) = (g.len(), lens[g.end - 1]);
+            let mut gather = Vec::with_capacity(b * nkv * len);
+            for (&i, &(_, _, start)) in order[g.clone()].iter().zip(&spans[g.clone()]) {
                 let ids = batch[i].cache.block_ids();
                 for kh in 0..nkv {
                     // Past the sequence's end: any valid row, masked out below.
                     gather.extend((0..len).map(|p| slab_row(ids, nkv, kh, p.min(start))));
                 }
             }
-            let q_pos = spans[..decode]
-                .iter()
-                .map(|&(_, _, st)| st as f32)
-                .collect();
+            let q_pos = lens[g.clone()].iter().map(|&l| (l - 1) as f32).collect();
             out.push(Attention {
-                row0: 0,
-                b: decode,
+                row0: g.start,
+                b,
                 q_rows: 1,
                 len,
-                gather: Tensor::from_vec(gather, decode * nkv * len, dev)?,
-                mask: mask(q_pos, len)?.reshape((decode, 1, 1, len))?,
+                gather: Tensor::from_vec(gather, b * nkv * len, dev)?,
+                mask: mask(q_pos, len)?.reshape((b, 1, 1, len))?,
             });
         }
         for (&i, &(row0, n, start)) in order.iter().zip(spans).skip(decode) {
@@ -549,4 +583,25 @@ fn chunk_attention(
         .permute((2, 0, 1, 3))?
         .contiguous()?
         .reshape((n, nkv * group * hd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_groups;
+
+    #[test]
+    fn decode_rows_are_grouped_only_where_padding_costs_more_than_a_group() {
+        // Similar lengths: one group.
+        assert_eq!(decode_groups(&[100, 120, 130, 150], 1000), vec![0..4]);
+        // 63 short rows and one long one: padding all to 4,000 wastes ~240,000 rows.
+        let mut lens = vec![200; 63];
+        lens.push(4000);
+        assert_eq!(decode_groups(&lens, 16384), vec![0..63, 63..64]);
+        // Free groups: one per distinct length.
+        assert_eq!(
+            decode_groups(&[5, 7, 9, 30], 0),
+            vec![0..1, 1..2, 2..3, 3..4]
+        );
+        assert!(decode_groups(&[], 10).is_empty());
+    }
 }
