@@ -19,6 +19,10 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+mod attention;
+
+use attention::{chunk_attention, decode_attention, slab_row, DECODE_GROUP_COST};
+
 use super::config::ModelConfig;
 use super::kv::{BlockPool, KvShape, BLOCK_LEN};
 use super::model::{inv_freq, rope_tables, Logits, RawMatrix, SeqInput, WeightSource, Weights};
@@ -31,38 +35,6 @@ impl From<candle_core::Error> for EngineError {
         EngineError::Device(e.to_string().lines().next().unwrap_or_default().to_owned())
     }
 }
-
-/// The default cost of one more decode attention group (its dozen kernel launches per layer),
-/// in key rows of padding it must save: 64 sequences × 256 positions. Tunable with
-/// `SMOLCHAT_DECODE_GROUP_COST` until it is measured on a GPU.
-const DECODE_GROUP_COST: usize = 16384;
-
-/// Splits decode rows, sorted by cache length, into attention groups: each group is padded to
-/// its longest row, and a group costs `group_cost` padded rows of its own. The split minimises
-/// the total (a small dynamic program over the sorted lengths).
-fn decode_groups(lens: &[usize], group_cost: usize) -> Vec<std::ops::Range<usize>> {
-    let n = lens.len();
-    // best[j]: the least cost of rows 0..j, and where its last group starts.
-    let mut best = vec![(0usize, 0usize); n + 1];
-    for j in 1..=n {
-        best[j] = (0..j)
-            .map(|i| (best[i].0 + group_cost + (j - i) * lens[j - 1], i))
-            .min()
-            .expect("at least one split");
-    }
-    let mut groups = Vec::new();
-    let mut j = n;
-    while j > 0 {
-        let i = best[j].1;
-        groups.push(i..j);
-        j = i;
-    }
-    groups.reverse();
-    groups
-}
-
-/// A masked-out attention score: far below any real one, and finite (so `0 × MASKED` is 0).
-const MASKED: f64 = -1e30;
 
 /// Matrices that read the same input (Q, K, V; gate, up). When their blocks are of one type they
 /// are one matrix on the device, so one kernel reads them all; the outputs are column ranges.
@@ -186,24 +158,6 @@ fn cuda_memory(device: &Device) -> Option<(usize, usize)> {
     }
     let _ = device;
     None
-}
-
-/// The slab row of `head`'s K (or V) at `pos` in a cache made of blocks `ids`.
-fn slab_row(ids: &[u32], n_kv: usize, head: usize, pos: usize) -> u32 {
-    ((ids[pos / BLOCK_LEN] as usize * n_kv + head) * BLOCK_LEN + pos % BLOCK_LEN) as u32
-}
-
-/// One attention over rows of the packed batch: `b` sequences of `q_rows` query rows each,
-/// reading `len` cache positions through `gather` and masked by `mask`.
-struct Attention {
-    row0: usize,
-    b: usize,
-    q_rows: usize,
-    len: usize,
-    /// Slab rows, `b × n_kv × len`.
-    gather: Tensor,
-    /// 0 or [`MASKED`], `b × 1 × 1 × len` for decode rows, `q_rows × len` for a prompt chunk.
-    mask: Tensor,
 }
 
 impl CandleModel {
@@ -383,7 +337,14 @@ impl CandleModel {
         }
         let cos = Tensor::from_vec(cos, (t, 1, hd / 2), dev)?;
         let sin = Tensor::from_vec(sin, (t, 1, hd / 2), dev)?;
-        let attentions = self.plan_attention(batch, &order, &spans, nkv)?;
+        let attentions = attention::plan(
+            &self.device,
+            self.decode_group_cost,
+            batch,
+            &order,
+            &spans,
+            nkv,
+        )?;
 
         let mut x = self.embed.embedding(&Tensor::from_vec(tokens, t, dev)?)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -469,139 +430,5 @@ impl CandleModel {
             .collect();
         by_internal.sort_by_key(|(i, _)| *i);
         Ok(by_internal.into_iter().map(|(_, l)| l).collect())
-    }
-
-    /// The step's attentions and their index tables, built once and used by every layer.
-    fn plan_attention(
-        &self,
-        batch: &[SeqInput],
-        order: &[usize],
-        spans: &[(usize, usize, usize)],
-        nkv: usize,
-    ) -> candle_core::Result<Vec<Attention>> {
-        let dev = &self.device;
-        let positions_f32 =
-            |range: std::ops::Range<usize>| -> Vec<f32> { range.map(|p| p as f32).collect() };
-        // mask[q, p] = MASKED where key position p is after query position q.
-        let mask = |q_pos: Vec<f32>, len: usize| -> candle_core::Result<Tensor> {
-            let n = q_pos.len();
-            let q_pos = Tensor::from_vec(q_pos, (n, 1), dev)?;
-            let k_pos = Tensor::from_vec(positions_f32(0..len), (1, len), dev)?;
-            k_pos
-                .broadcast_gt(&q_pos)?
-                .to_dtype(DType::F32)?
-                .affine(MASKED, 0.0)
-        };
-        let mut out = Vec::new();
-        let decode = order
-            .iter()
-            .take_while(|&&i| batch[i].tokens.len() == 1)
-            .count();
-        // Decode rows are sorted by length: groups of similar lengths pad less.
-        let lens: Vec<usize> = spans[..decode].iter().map(|&(_, _, st)| st + 1).collect();
-        for g in decode_groups(&lens, self.decode_group_cost) {
-            let (b, len) = (g.len(), lens[g.end - 1]);
-            let mut gather = Vec::with_capacity(b * nkv * len);
-            for (&i, &(_, _, start)) in order[g.clone()].iter().zip(&spans[g.clone()]) {
-                let ids = batch[i].cache.block_ids();
-                for kh in 0..nkv {
-                    // Past the sequence's end: any valid row, masked out below.
-                    gather.extend((0..len).map(|p| slab_row(ids, nkv, kh, p.min(start))));
-                }
-            }
-            let q_pos = lens[g.clone()].iter().map(|&l| (l - 1) as f32).collect();
-            out.push(Attention {
-                row0: g.start,
-                b,
-                q_rows: 1,
-                len,
-                gather: Tensor::from_vec(gather, b * nkv * len, dev)?,
-                mask: mask(q_pos, len)?.reshape((b, 1, 1, len))?,
-            });
-        }
-        for (&i, &(row0, n, start)) in order.iter().zip(spans).skip(decode) {
-            let ids = batch[i].cache.block_ids();
-            let len = start + n;
-            let gather: Vec<u32> = (0..nkv)
-                .flat_map(|kh| (0..len).map(move |p| slab_row(ids, nkv, kh, p)))
-                .collect();
-            out.push(Attention {
-                row0,
-                b: 1,
-                q_rows: n,
-                len,
-                gather: Tensor::from_vec(gather, nkv * len, dev)?,
-                mask: mask(positions_f32(start..start + n), len)?,
-            });
-        }
-        Ok(out)
-    }
-}
-
-/// Softmax of `scores` (f16) plus `mask`, in f32, back to f16 for the product with V.
-fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    let s = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-    candle_nn::ops::softmax_last_dim(&s)?.to_dtype(DType::F16)
-}
-
-/// All decode rows at once: `b` sequences, one query row each, keys padded to the longest.
-fn decode_attention(
-    a: &Attention,
-    q: &Tensor,
-    keys: &Tensor,
-    values: &Tensor,
-    (nkv, group, hd): (usize, usize, usize),
-) -> candle_core::Result<Tensor> {
-    let q = q.reshape((a.b, nkv, group, hd))?;
-    let keys = keys.reshape((a.b, nkv, a.len, hd))?;
-    let values = values.reshape((a.b, nkv, a.len, hd))?;
-    let p = masked_softmax(&q.matmul(&keys.t()?)?, &a.mask)?; // b × nkv × group × len
-    p.matmul(&values)?.reshape((a.b, nkv * group * hd))
-}
-
-/// One prompt chunk of `q_rows` rows, causal over its cache.
-fn chunk_attention(
-    a: &Attention,
-    q: &Tensor,
-    keys: &Tensor,
-    values: &Tensor,
-    (nkv, group, hd): (usize, usize, usize),
-) -> candle_core::Result<Tensor> {
-    let n = a.q_rows;
-    // Query rows grouped by KV head, then by query head in the group, then by position.
-    let q = q
-        .reshape((n, nkv, group, hd))?
-        .permute((1, 2, 0, 3))?
-        .contiguous()?
-        .reshape((nkv, group * n, hd))?;
-    let keys = keys.reshape((nkv, a.len, hd))?;
-    let values = values.reshape((nkv, a.len, hd))?;
-    let scores = q.matmul(&keys.t()?)?.reshape((nkv, group, n, a.len))?;
-    let p = masked_softmax(&scores, &a.mask)?.reshape((nkv, group * n, a.len))?;
-    p.matmul(&values)?
-        .reshape((nkv, group, n, hd))?
-        .permute((2, 0, 1, 3))?
-        .contiguous()?
-        .reshape((n, nkv * group * hd))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::decode_groups;
-
-    #[test]
-    fn decode_rows_are_grouped_only_where_padding_costs_more_than_a_group() {
-        // Similar lengths: one group.
-        assert_eq!(decode_groups(&[100, 120, 130, 150], 1000), vec![0..4]);
-        // 63 short rows and one long one: padding all to 4,000 wastes ~240,000 rows.
-        let mut lens = vec![200; 63];
-        lens.push(4000);
-        assert_eq!(decode_groups(&lens, 16384), vec![0..63, 63..64]);
-        // Free groups: one per distinct length.
-        assert_eq!(
-            decode_groups(&[5, 7, 9, 30], 0),
-            vec![0..1, 1..2, 2..3, 3..4]
-        );
-        assert!(decode_groups(&[], 10).is_empty());
     }
 }
