@@ -432,3 +432,56 @@ impl CandleModel {
         Ok(by_internal.into_iter().map(|(_, l)| l).collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::model::RawMatrix;
+
+    fn raw(ty: GgmlType, rows: usize, cols: usize, seed: u8) -> RawMatrix<'static> {
+        let mut b: Vec<u8> = (0..ty.row_bytes(cols) * rows)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        crate::engine::quant::sanitize_random_scales(ty, &mut b);
+        RawMatrix {
+            ty,
+            rows,
+            cols,
+            bytes: Arc::new(b),
+            start: 0,
+            release: None,
+        }
+    }
+
+    #[test]
+    fn projections_fuse_when_their_blocks_share_a_type_and_give_the_same_outputs() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(
+            (0..3 * 64).map(|i| (i % 7) as f32 - 3.0).collect(),
+            (3, 64),
+            &dev,
+        )
+        .unwrap();
+        let (a, b, c) = (
+            raw(GgmlType::Q8_0, 16, 64, 1),
+            raw(GgmlType::Q8_0, 8, 64, 2),
+            raw(GgmlType::Q4_0, 8, 64, 3),
+        );
+        let alone = |r: &RawMatrix| upload_raw(r, &dev).unwrap().forward(&x).unwrap();
+        let same = Fused::new(&[&a, &b], &dev).unwrap();
+        assert_eq!(same.mats.len(), 1);
+        let mixed = Fused::new(&[&a, &c], &dev).unwrap();
+        assert_eq!(mixed.mats.len(), 2);
+        for (fused, parts) in [(same, [&a, &b]), (mixed, [&a, &c])] {
+            let outs = fused.forward(&x).unwrap();
+            for (out, r) in outs.iter().zip(parts) {
+                assert_eq!(out.dims(), &[3, r.rows]);
+                let (got, want) = (
+                    out.to_vec2::<f32>().unwrap(),
+                    alone(r).to_vec2::<f32>().unwrap(),
+                );
+                assert_eq!(got, want);
+            }
+        }
+    }
+}
