@@ -396,7 +396,10 @@ impl Scheduler {
             Err(e) => {
                 tracing::error!(error = %e, "engine step failed");
                 for &i in &owners {
-                    self.running[i].done = Some(Err(JobError::Engine(e.to_string())));
+                    let r = &mut self.running[i];
+                    r.done = Some(Err(JobError::Engine(e.to_string())));
+                    // A device step can fail after the caches grew: never keep one warm.
+                    r.key = None;
                 }
                 return;
             }

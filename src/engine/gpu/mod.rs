@@ -289,9 +289,10 @@ impl CandleModel {
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
         let group = nh / nkv;
 
-        // Rows are packed decode sequences first: all of them share one attention.
+        // Rows are packed decode sequences first, shortest cache first (so that attention groups
+        // of similar lengths are runs of rows), then prompt chunks. If a device step fails half
+        // way, the caller drops the batch's caches: their lengths were already grown.
         let mut order: Vec<usize> = (0..batch.len()).collect();
-        // Decode rows by length, then prompt chunks.
         order.sort_by_key(|&i| match batch[i].tokens.len() {
             1 => (false, batch[i].cache.len()),
             _ => (true, 0),
