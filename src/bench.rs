@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::engine::kv::BLOCK_LEN;
 use crate::engine::{KvCache, Logits, Model, SeqInput};
 
 #[derive(Debug, Serialize)]
@@ -96,10 +97,7 @@ fn decode_rate(model: &Model, caches: &mut [KvCache], steps: usize) -> f64 {
 /// warning when a device's KV pool cannot hold them.
 fn filled(model: &Model, lens: &[usize]) -> Option<Vec<KvCache>> {
     if let Some(pool) = model.block_pool() {
-        let need: usize = lens
-            .iter()
-            .map(|&n| model.new_cache().blocks_needed(n + 64))
-            .sum();
+        let need: usize = lens.iter().map(|&n| (n + 64).div_ceil(BLOCK_LEN)).sum();
         if need > pool.free_blocks() {
             tracing::warn!(
                 need,

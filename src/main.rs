@@ -81,7 +81,7 @@ enum Command {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
-    /// Chat in the terminal (the default).
+    /// Chat in the terminal.
     Chat {
         #[arg(long, default_value_t = 512)]
         max_tokens: usize,
@@ -243,12 +243,6 @@ fn run(args: Args) -> Result<()> {
                 kv_bytes: scheduler.kv_budget_bytes,
             };
             let engine = std::sync::Arc::new(cli::load(&args.model, &opts)?);
-            let mut scheduler = scheduler;
-            if let Some(pool) = engine.model.block_pool() {
-                // The device may have had room for fewer KV blocks than asked.
-                let held = pool.total() * engine.model.kv_shape().block_bytes();
-                scheduler.kv_budget_bytes = scheduler.kv_budget_bytes.min(held);
-            }
             let addr: std::net::SocketAddr = format!("{host}:{port}").parse().or_else(|_| {
                 std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
                     .next()

@@ -69,7 +69,8 @@ async fn run_job(
     let (tx, mut rx) = mpsc::channel(256);
     let job = GenerationJob {
         prompt,
-        // Sampled like a chat would be (the page's defaults), with a fixed seed so runs compare;
+        // A chat's default temperature and min-p (its top-p 0.95 and repetition penalty 1.1 are
+        // left off: the README's figures were measured so), with a fixed seed so runs compare;
         // answers end at max_tokens or at the model's end of turn, as in real use.
         params: SamplingParams {
             temperature: 0.7,
@@ -130,9 +131,9 @@ pub async fn run(engine: Arc<Engine>, levels: &[usize]) -> anyhow::Result<ServeS
         max_queue: max * 2,
         ..SchedulerConfig::cpu()
     };
-    if let Some(pool) = engine.model.block_pool() {
+    if let Some(pool) = engine.model.kv_pool_bytes() {
         // A device's KV slabs are allocated up front: the scheduler may use all of them.
-        config.kv_budget_bytes = pool.total() * engine.model.kv_shape().block_bytes();
+        config.kv_budget_bytes = pool;
     }
     let (actor, _) = Actor::spawn(None, ModelActor, (engine.clone(), config)).await?;
 

@@ -80,7 +80,7 @@ fn candle_and_cpu_backends_agree_on_every_position() {
     let r = json("tiny-smollm3/reference.json");
     let tokens = ids(&r["sequences"][2]["ids"]);
     let (a, b) = (all_logits(&cpu, &tokens), all_logits(&gpu, &tokens));
-    assert_eq!(a.len(), tokens.len());
+    assert_eq!((a.len(), b.len()), (tokens.len(), tokens.len()));
     let worst = a
         .iter()
         .zip(&b)
@@ -120,7 +120,7 @@ fn kv_blocks_come_back_to_the_pool_and_a_full_pool_is_a_typed_error() {
     model.prefill(&mut a, &prompt, 16).unwrap();
     assert_eq!((a.len(), pool.free_blocks()), (40, 1));
 
-    // 70 more positions need 2 blocks; one is free: refused, nothing changed.
+    // 70 positions in a new cache need 3 blocks; one is free: refused, nothing changed.
     let mut b = model.new_cache();
     let long: Vec<u32> = (0..70).map(|i| 5 + i).collect();
     let err = model

@@ -595,8 +595,9 @@ async fn shutdown_closes_sockets_with_1001_and_keeps_the_partial_answer() {
         json!({"type":"send","conversation_id":id,"content":"Write a very long story."}),
     )
     .await;
+    let mut streamed = String::new();
     for _ in 0..5 {
-        until(&mut ws, "delta").await;
+        streamed.push_str(until(&mut ws, "delta").await["text"].as_str().unwrap());
     }
     let store = srv.store.clone();
     let started = std::time::Instant::now();
@@ -610,6 +611,20 @@ async fn shutdown_closes_sockets_with_1001_and_keeps_the_partial_answer() {
         }
     }
     assert_eq!(code, Some(1001));
-    let n = store.recover_interrupted().await.unwrap();
-    assert_eq!(n, 0, "nothing is left streaming after shutdown");
+    // The answer so far is stored, marked interrupted (the session's own last write: it holds
+    // at least what was streamed).
+    let user = store
+        .user_for_token(cookie.split_once('=').unwrap().1)
+        .await
+        .unwrap()
+        .expect("the visitor's user");
+    let branch = store.branch(user, id.parse().unwrap(), None).await.unwrap();
+    assert_eq!(branch.len(), 2);
+    let answer = &branch[1];
+    assert_eq!(answer.status, smolchat::store::MessageStatus::Interrupted);
+    assert!(
+        !streamed.is_empty() && answer.content.starts_with(&streamed),
+        "stored {:?}, streamed {streamed:?}",
+        answer.content
+    );
 }

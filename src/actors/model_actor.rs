@@ -175,6 +175,11 @@ impl Actor for ModelActor {
         _myself: ActorRef<Self::Msg>,
         (engine, config): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let mut config = config;
+        if let Some(pool) = engine.model.kv_pool_bytes() {
+            // A device's KV blocks are allocated up front (and may be fewer than asked).
+            config.kv_budget_bytes = config.kv_budget_bytes.min(pool);
+        }
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel();
         let context = engine.model.cfg.context_length;

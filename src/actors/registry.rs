@@ -11,7 +11,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 use super::model_actor::ModelMsg;
 use super::session::{SessionActor, SessionArgs, SessionError, SessionMsg};
 use crate::engine::Engine;
-use crate::store::{ConversationId, Store, StoreError, UserId};
+use crate::store::{ConversationId, Store, UserId};
 
 pub enum RegistryMsg {
     /// The session of `conversation`, if `owner` owns it; started when needed.
@@ -114,12 +114,9 @@ impl RegistryState {
         owner: UserId,
         conv: ConversationId,
     ) -> Result<ActorRef<SessionMsg>, SessionError> {
-        // Ownership first: someone else's conversation is answered like a missing one.
-        match self.args.store.conversation(owner, conv).await {
-            Ok(_) => {}
-            Err(StoreError::NotFound) => return Err(SessionError::NotFound),
-            Err(e) => return Err(e.into()),
-        }
+        // Ownership first: someone else's conversation is answered like a missing one
+        // (`StoreError::NotFound` becomes `SessionError::NotFound`).
+        self.args.store.conversation(owner, conv).await?;
         if let Some(a) = self.sessions.get(&conv) {
             return Ok(a.clone());
         }

@@ -192,7 +192,6 @@ impl Scheduler {
     fn cancel(&mut self, id: JobId) {
         if let Some(r) = self.running.iter_mut().find(|r| r.id == id) {
             r.done.get_or_insert(Ok(FinishReason::Cancelled));
-            r.key = None; // a cancelled job frees what it held
         } else if let Some(i) = self.waiting.iter().position(|p| p.id == id) {
             if let Some(p) = self.waiting.remove(i) {
                 self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -396,10 +395,7 @@ impl Scheduler {
             Err(e) => {
                 tracing::error!(error = %e, "engine step failed");
                 for &i in &owners {
-                    let r = &mut self.running[i];
-                    r.done = Some(Err(JobError::Engine(e.to_string())));
-                    // A device step can fail after the caches grew: never keep one warm.
-                    r.key = None;
+                    self.running[i].done = Some(Err(JobError::Engine(e.to_string())));
                 }
                 return;
             }
@@ -443,11 +439,9 @@ impl Scheduler {
         for (i, r) in self.running.iter_mut().enumerate() {
             if !flush(&r.sink, &mut r.backlog) {
                 r.done = Some(Ok(FinishReason::Cancelled));
-                r.key = None;
             } else if r.backlog.len() > max_backlog {
                 tracing::warn!(job = r.id.0, "event sink too slow; cancelling the job");
                 r.done = Some(Ok(FinishReason::Cancelled));
-                r.key = None;
             }
             if r.done.is_some() {
                 finished.push(i);
@@ -456,6 +450,10 @@ impl Scheduler {
         for i in finished.into_iter().rev() {
             let mut r = self.running.swap_remove(i);
             let generated = r.seq.generated().len();
+            // Only a job that ended well leaves its cache warm: a cancelled one frees what it
+            // held, and after a failed step (on a device, possibly after the caches grew) the
+            // cache cannot be trusted.
+            let keep_warm = matches!(r.done, Some(Ok(reason)) if reason != FinishReason::Cancelled);
             let event = match r.done.take() {
                 Some(Err(e)) => JobEvent::Error(e),
                 Some(Ok(finish_reason)) => {
@@ -482,7 +480,7 @@ impl Scheduler {
                 }
                 None => continue,
             };
-            if let Some(key) = r.key.take() {
+            if let Some(key) = r.key.take().filter(|_| keep_warm) {
                 self.clock += 1;
                 let len = r.cache.len();
                 let tokens = r.seq.history[..len].to_vec();

@@ -350,6 +350,12 @@ impl Model {
         }
     }
 
+    /// Bytes the device's KV block pool holds (`None` on the CPU): no budget can be larger.
+    pub fn kv_pool_bytes(&self) -> Option<usize> {
+        self.block_pool()
+            .map(|p| p.total() * self.kv_shape().block_bytes())
+    }
+
     /// The device's KV block pool (`None` on the CPU, where blocks are plain memory).
     pub fn block_pool(&self) -> Option<&Arc<BlockPool>> {
         match &self.backend {

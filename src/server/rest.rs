@@ -32,16 +32,13 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 fn store_error(e: StoreError) -> Response {
+    let code = e.code();
     match e {
-        StoreError::NotFound => error(StatusCode::NOT_FOUND, "not_found", "conversation not found"),
-        StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid_request", &m),
+        StoreError::NotFound => error(StatusCode::NOT_FOUND, code, "conversation not found"),
+        StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, code, &m),
         StoreError::Db(e) => {
             tracing::error!(error = %e, "storage error");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "storage_error",
-                "storage error",
-            )
+            error(StatusCode::INTERNAL_SERVER_ERROR, code, "storage error")
         }
     }
 }

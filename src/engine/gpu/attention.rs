@@ -46,14 +46,34 @@ pub(super) fn slab_row(ids: &[u32], n_kv: usize, head: usize, pos: usize) -> u32
 /// One attention over rows of the packed batch: `b` sequences of `q_rows` query rows each,
 /// reading `len` cache positions through `gather` and masked by `mask`.
 pub(super) struct Attention {
-    pub row0: usize,
-    pub b: usize,
-    pub q_rows: usize,
+    row0: usize,
+    b: usize,
+    q_rows: usize,
     len: usize,
     /// Slab rows, `b × n_kv × len`.
-    pub gather: Tensor,
+    gather: Tensor,
     /// 0 or [`MASKED`], `b × 1 × 1 × len` for decode rows, `q_rows × len` for a prompt chunk.
     mask: Tensor,
+}
+
+impl Attention {
+    /// This attention's output rows, from the step's (scaled, f16) queries and a layer's slabs.
+    pub(super) fn run(
+        &self,
+        q: &Tensor,
+        slab_k: &Tensor,
+        slab_v: &Tensor,
+        dims: (usize, usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let keys = slab_k.index_select(&self.gather, 0)?;
+        let values = slab_v.index_select(&self.gather, 0)?;
+        let q = q.narrow(0, self.row0, self.b * self.q_rows)?;
+        if self.q_rows == 1 {
+            decode_attention(self, &q, &keys, &values, dims)
+        } else {
+            chunk_attention(self, &q, &keys, &values, dims)
+        }
+    }
 }
 
 /// The step's attentions and their index tables, built once and used by every layer.
@@ -129,7 +149,7 @@ fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor>
 }
 
 /// All decode rows at once: `b` sequences, one query row each, keys padded to the longest.
-pub(super) fn decode_attention(
+fn decode_attention(
     a: &Attention,
     q: &Tensor,
     keys: &Tensor,
@@ -144,7 +164,7 @@ pub(super) fn decode_attention(
 }
 
 /// One prompt chunk of `q_rows` rows, causal over its cache.
-pub(super) fn chunk_attention(
+fn chunk_attention(
     a: &Attention,
     q: &Tensor,
     keys: &Tensor,

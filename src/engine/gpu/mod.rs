@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 mod attention;
 
-use attention::{chunk_attention, decode_attention, slab_row, DECODE_GROUP_COST};
+use attention::{slab_row, DECODE_GROUP_COST};
 
 use super::config::ModelConfig;
 use super::kv::{BlockPool, KvShape, BLOCK_LEN};
@@ -338,14 +338,7 @@ impl CandleModel {
         }
         let cos = Tensor::from_vec(cos, (t, 1, hd / 2), dev)?;
         let sin = Tensor::from_vec(sin, (t, 1, hd / 2), dev)?;
-        let attentions = attention::plan(
-            &self.device,
-            self.decode_group_cost,
-            batch,
-            &order,
-            &spans,
-            nkv,
-        )?;
+        let attentions = attention::plan(dev, self.decode_group_cost, batch, &order, &spans, nkv)?;
 
         let mut x = self.embed.embedding(&Tensor::from_vec(tokens, t, dev)?)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -377,17 +370,10 @@ impl CandleModel {
             )?;
 
             let q = (q * scale)?.to_dtype(DType::F16)?;
-            let mut parts = Vec::with_capacity(attentions.len());
-            for a in &attentions {
-                let keys = slab_k.index_select(&a.gather, 0)?;
-                let values = slab_v.index_select(&a.gather, 0)?;
-                let q = q.narrow(0, a.row0, a.b * a.q_rows)?;
-                parts.push(if a.q_rows == 1 {
-                    decode_attention(a, &q, &keys, &values, (nkv, group, hd))?
-                } else {
-                    chunk_attention(a, &q, &keys, &values, (nkv, group, hd))?
-                });
-            }
+            let mut parts = attentions
+                .iter()
+                .map(|a| a.run(&q, slab_k, slab_v, (nkv, group, hd)))
+                .collect::<candle_core::Result<Vec<_>>>()?;
             let attn = match parts.len() {
                 1 => parts.pop().expect("one part"),
                 _ => Tensor::cat(&parts, 0)?,
