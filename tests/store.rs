@@ -49,6 +49,8 @@ async fn branches_titles_and_recovery() {
         .checkpoint_message(alice, a1.id, "In forests", "")
         .await
         .unwrap();
+    // A streaming answer is not indexed yet (its checkpoints would re-index it every time).
+    assert!(store.search(alice, "forests").await.unwrap().is_empty());
     let conv = store.conversation(alice, c.id).await.unwrap();
     assert_eq!(
         conv.title, "Where do owls live?",
@@ -97,6 +99,12 @@ async fn branches_titles_and_recovery() {
     let m = store.message(alice, a1.id).await.unwrap();
     assert_eq!(m.status, MessageStatus::Interrupted);
     assert_eq!(m.content, "In forests");
+    // Once it stops streaming it is found.
+    let hits = store.search(alice, "forests").await.unwrap();
+    assert_eq!(
+        hits.iter().map(|h| h.message_id).collect::<Vec<_>>(),
+        vec![a1.id]
+    );
     assert_eq!(
         store.message(alice, u1.id).await.unwrap().content,
         "Where do owls live?\nAnd why?"

@@ -50,7 +50,10 @@ impl StoreError {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Migrations, applied in order at start-up; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_fts_skips_streaming.sql"),
+];
 
 #[derive(Clone)]
 pub struct Store {
