@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::actors::session::{Partial, SessionEvent};
-use crate::engine::reasoning::Channel;
 use crate::store::{Conversation, ConversationId, Message, MessageId, Settings};
+
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -126,35 +126,6 @@ pub enum ServerEvent {
         streaming: Option<Partial>,
         siblings: std::collections::HashMap<MessageId, Vec<MessageId>>,
     },
-    BranchChanged {
-        conversation_id: ConversationId,
-    },
-    UserMessage {
-        conversation_id: ConversationId,
-        message: Message,
-    },
-    MessageStarted {
-        conversation_id: ConversationId,
-        message: Message,
-    },
-    Delta {
-        conversation_id: ConversationId,
-        message_id: MessageId,
-        channel: Channel,
-        text: String,
-    },
-    MessageDone {
-        conversation_id: ConversationId,
-        message: Message,
-    },
-    Busy {
-        conversation_id: ConversationId,
-        queue_len: usize,
-    },
-    Notice {
-        conversation_id: ConversationId,
-        text: String,
-    },
     Renamed {
         conversation: Conversation,
     },
@@ -167,6 +138,15 @@ pub enum ServerEvent {
         request_id: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         conversation_id: Option<ConversationId>,
+    },
+    /// A conversation's live event (`user_message`, `message_started`, `delta`, `message_done`,
+    /// `busy`, `notice`, `branch_changed`): the session's event as it is, with the conversation's
+    /// id beside its fields.
+    #[serde(untagged)]
+    Conversation {
+        conversation_id: ConversationId,
+        #[serde(flatten)]
+        event: SessionEvent,
     },
 }
 
@@ -181,44 +161,17 @@ impl ServerEvent {
     }
 
     /// A session's event, as the wire says it.
-    pub fn from_session(conversation_id: ConversationId, ev: SessionEvent) -> Self {
-        match ev {
-            SessionEvent::UserMessage { message } => ServerEvent::UserMessage {
-                conversation_id,
-                message,
-            },
-            SessionEvent::MessageStarted { message } => ServerEvent::MessageStarted {
-                conversation_id,
-                message,
-            },
-            SessionEvent::Delta {
-                message_id,
-                channel,
-                text,
-            } => ServerEvent::Delta {
-                conversation_id,
-                message_id,
-                channel,
-                text,
-            },
-            SessionEvent::MessageDone { message } => ServerEvent::MessageDone {
-                conversation_id,
-                message,
-            },
-            SessionEvent::Busy { queue_len } => ServerEvent::Busy {
-                conversation_id,
-                queue_len,
-            },
-            SessionEvent::Notice { text } => ServerEvent::Notice {
-                conversation_id,
-                text,
-            },
-            SessionEvent::BranchChanged => ServerEvent::BranchChanged { conversation_id },
+    pub fn from_session(conversation_id: ConversationId, event: SessionEvent) -> Self {
+        match event {
             SessionEvent::Error { code, message } => ServerEvent::Error {
                 code,
                 message,
                 request_id: None,
                 conversation_id: Some(conversation_id),
+            },
+            event => ServerEvent::Conversation {
+                conversation_id,
+                event,
             },
         }
     }
@@ -244,5 +197,33 @@ mod tests {
             r#"{"type":"open","conversation_id":"6f1c1f2e-3d4e-4b5a-9c8d-7e6f5a4b3c2d","x":1}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_sessions_event_goes_out_tagged_with_its_conversation() {
+        let conv = ConversationId::new();
+        let message_id = MessageId::new();
+        let json = |ev| serde_json::to_value(ServerEvent::from_session(conv, ev)).unwrap();
+        assert_eq!(
+            json(SessionEvent::Delta {
+                message_id,
+                channel: crate::engine::reasoning::Channel::Answer,
+                text: "hi".into(),
+            }),
+            serde_json::json!({"type": "delta", "conversation_id": conv, "message_id": message_id,
+                               "channel": "answer", "text": "hi"})
+        );
+        assert_eq!(
+            json(SessionEvent::BranchChanged),
+            serde_json::json!({"type": "branch_changed", "conversation_id": conv})
+        );
+        assert_eq!(
+            json(SessionEvent::Error {
+                code: "busy".into(),
+                message: "later".into()
+            }),
+            serde_json::json!({"type": "error", "code": "busy", "message": "later",
+                               "request_id": null, "conversation_id": conv})
+        );
     }
 }

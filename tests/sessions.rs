@@ -12,7 +12,7 @@ use smolchat::actors::registry::{RegistryArgs, RegistryMsg, SessionRegistry};
 use smolchat::actors::session::{SessionError, SessionEvent, SessionMsg, Snapshot};
 use smolchat::actors::{ModelActor, ModelMsg, SchedulerConfig};
 use smolchat::engine::Engine;
-use smolchat::store::{ConversationId, MessageStatus, Role, Settings, Store, UserId};
+use smolchat::store::{ConversationId, MessageId, MessageStatus, Role, Settings, Store, UserId};
 use tokio::sync::mpsc;
 
 fn engine() -> Arc<Engine> {
@@ -108,6 +108,23 @@ async fn until_done(rx: &mut mpsc::Receiver<SessionEvent>) -> (String, smolchat:
     panic!("stream ended before the answer was done");
 }
 
+/// The `siblings` of each new message (the question, then the answer) until the answer is done.
+async fn versions_until_done(
+    rx: &mut mpsc::Receiver<SessionEvent>,
+) -> (Vec<Vec<MessageId>>, smolchat::store::Message) {
+    let mut versions = vec![];
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            SessionEvent::UserMessage { siblings, .. }
+            | SessionEvent::MessageStarted { siblings, .. } => versions.push(siblings),
+            SessionEvent::MessageDone { message } => return (versions, message),
+            SessionEvent::Error { message, .. } => panic!("error: {message}"),
+            _ => {}
+        }
+    }
+    panic!("stream ended before the answer was done");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_turn_is_stored_with_its_timings() {
     let w = world("turn", 24).await;
@@ -165,31 +182,59 @@ async fn regenerate_makes_a_sibling_and_edit_a_new_branch() {
     let w = world("branches", 12).await;
     let (_, mut rx) = w.subscribe(1024).await;
     w.send("Name a color.").await.unwrap();
-    let (_, a1) = until_done(&mut rx).await;
+    let (versions, a1) = versions_until_done(&mut rx).await;
+    let user = a1.parent_id.unwrap();
+    assert_eq!(
+        versions,
+        vec![vec![user], vec![a1.id]],
+        "no other versions yet"
+    );
     let s = w.session().await;
     assert_eq!(call!(s, SessionMsg::Regenerate, None).unwrap(), Ok(()));
-    let (_, a2) = until_done(&mut rx).await;
+    let (versions, a2) = versions_until_done(&mut rx).await;
     assert_ne!(a1.id, a2.id);
     assert_eq!(
         a1.parent_id, a2.parent_id,
         "siblings under the same question"
     );
-    let user = a1.parent_id.unwrap();
+    assert_eq!(
+        versions,
+        vec![vec![a1.id, a2.id]],
+        "the new answer comes with both versions"
+    );
 
     assert_eq!(
         call!(s, SessionMsg::Edit, user, "Name a fruit.".to_owned()).unwrap(),
         Ok(())
     );
-    let (_, a3) = until_done(&mut rx).await;
+    let (versions, a3) = versions_until_done(&mut rx).await;
     let branch = w.store.branch(w.user, w.conv, None).await.unwrap();
     assert_eq!(branch.len(), 2);
     assert_eq!(branch[0].content, "Name a fruit.");
     assert_eq!(branch[1].id, a3.id);
+    assert_eq!(
+        versions,
+        vec![vec![user, branch[0].id], vec![a3.id]],
+        "the edit comes with both versions of the question; its answer is the only one"
+    );
     let old = w.store.branch(w.user, w.conv, Some(a1.id)).await.unwrap();
     assert_eq!(
         old[0].content, "Name a color.",
         "the old branch stays readable"
     );
+    // A new subscriber sees the versions of every shown message that has any.
+    let (snap, _late) = w.subscribe(16).await;
+    assert_eq!(snap.siblings.len(), 1, "{:?}", snap.siblings);
+    assert_eq!(snap.siblings[&branch[0].id], vec![user, branch[0].id]);
+    // Back on the first question, the newest answer under it is shown, with both versions.
+    assert_eq!(call!(s, SessionMsg::SelectBranch, a1.id).unwrap(), Ok(()));
+    let (snap, _late) = w.subscribe(16).await;
+    assert_eq!(
+        snap.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![user, a1.id]
+    );
+    assert_eq!(snap.siblings[&user], vec![user, branch[0].id]);
+    assert_eq!(snap.siblings[&a1.id], vec![a1.id, a2.id]);
     // One active generation per conversation.
     w.send("And a number?").await.unwrap();
     assert_eq!(w.send("too soon").await, Err(SessionError::Generating));
@@ -430,10 +475,49 @@ async fn a_history_too_long_is_refused_by_default_and_the_question_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_leaves_out_whole_turns_and_says_so() {
+    use smolchat::engine::ChatMessage;
     let w = world("drop", 8).await;
-    let (_, last) = overflowing(&w).await;
+    // Four turns of different lengths, then a question.
+    let mut turns = vec![];
+    let mut parent = None;
+    for (i, n) in [30, 5, 60, 12].into_iter().enumerate() {
+        for (role, text) in [
+            (
+                Role::User,
+                format!("Question {i}: {}", "why is the sky blue? ".repeat(n)),
+            ),
+            (
+                Role::Assistant,
+                format!("Answer {i}: {}", "because of light. ".repeat(n)),
+            ),
+        ] {
+            let m = w
+                .store
+                .add_message(w.user, w.conv, parent, role, &text, MessageStatus::Complete)
+                .await
+                .unwrap();
+            parent = Some(m.id);
+            turns.push(ChatMessage::new(role.as_str(), &text));
+        }
+    }
+    let last = "And what about tomorrow?";
+    // The prompt's length without the `k` oldest turns.
+    let e = engine();
+    let without = |k: usize| {
+        let mut msgs = turns[2 * k..].to_vec();
+        msgs.push(ChatMessage::new("user", last));
+        e.render_chat(&msgs, true, Some(false)).unwrap().1.len()
+    };
+    // Room for the answer such that exactly the two oldest turns must go.
+    let max_tokens = e.model.cfg.context_length - without(2);
+    assert!(without(1) + max_tokens > e.model.cfg.context_length);
     let patch = smolchat::store::ConversationPatch {
         overflow_policy: Some(smolchat::store::OverflowPolicy::DropOldest),
+        settings: Some(Settings {
+            temperature: 0.0,
+            max_tokens,
+            ..Settings::default()
+        }),
         ..Default::default()
     };
     w.store
@@ -441,7 +525,7 @@ async fn drop_oldest_leaves_out_whole_turns_and_says_so() {
         .await
         .unwrap();
     let (_, mut rx) = w.subscribe(1024).await;
-    w.send(&last).await.unwrap();
+    w.send(last).await.unwrap();
     let mut notice = None;
     loop {
         match rx.recv().await.unwrap() {
@@ -450,10 +534,19 @@ async fn drop_oldest_leaves_out_whole_turns_and_says_so() {
             _ => {}
         }
     }
-    assert!(notice.expect("a notice").starts_with("1 earlier turn"));
+    let notice = notice.expect("a notice");
+    assert!(notice.starts_with("2 earlier turn"), "{notice}");
     assert!(call!(w.session().await, SessionMsg::Stop).unwrap());
     let (_, done) = until_done(&mut rx).await;
     assert_eq!(done.finish_reason.as_deref(), Some("stopped"));
+    assert_eq!(
+        done.prompt_tokens,
+        Some(without(2) as i64),
+        "the prompt is exactly the last two whole turns and the question"
+    );
+    // Nothing is deleted: the stored history keeps every turn.
+    let branch = w.store.branch(w.user, w.conv, None).await.unwrap();
+    assert_eq!(branch.len(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,10 +71,7 @@ async fn branches_titles_and_recovery() {
         .await
         .unwrap();
     let kids = store.children(alice, c.id, Some(u1.id)).await.unwrap();
-    assert_eq!(
-        kids.iter().map(|m| m.id).collect::<Vec<_>>(),
-        vec![a1.id, a2.id]
-    );
+    assert_eq!(kids, vec![a1.id, a2.id]);
     let branch = store.branch(alice, c.id, None).await.unwrap();
     assert_eq!(
         branch.iter().map(|m| m.id).collect::<Vec<_>>(),
@@ -91,6 +88,70 @@ async fn branches_titles_and_recovery() {
             .unwrap()
             .current_leaf_id,
         Some(a1.id)
+    );
+    // A follow-up under the first answer: choosing a version shows its newest descendant.
+    let u2 = store
+        .add_message(
+            alice,
+            c.id,
+            Some(a1.id),
+            Role::User,
+            "And owlets?",
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    let a3 = store
+        .add_message(
+            alice,
+            c.id,
+            Some(u2.id),
+            Role::Assistant,
+            "Nests",
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    let leaf = |id| {
+        let store = store.clone();
+        async move {
+            store
+                .select_branch(alice, c.id, id)
+                .await
+                .unwrap()
+                .current_leaf_id
+        }
+    };
+    assert_eq!(
+        leaf(u1.id).await,
+        Some(a2.id),
+        "the newest answer under the question"
+    );
+    assert_eq!(leaf(a1.id).await, Some(a3.id), "down the whole follow-up");
+    let branch = store.branch(alice, c.id, None).await.unwrap();
+    assert_eq!(
+        branch.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![u1.id, a1.id, u2.id, a3.id]
+    );
+    let siblings = store.siblings(alice, c.id, &branch).await.unwrap();
+    assert_eq!(siblings.len(), 1, "only the answer has other versions");
+    assert_eq!(siblings[&a1.id], vec![a1.id, a2.id]);
+    // A message of another conversation is no branch of this one, and changes nothing.
+    let other = store
+        .create_conversation(alice, "", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.select_branch(alice, other.id, a1.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store
+            .conversation(alice, c.id)
+            .await
+            .unwrap()
+            .current_leaf_id,
+        Some(a3.id)
     );
 
     // A restart finds the streaming message interrupted, its text kept.
@@ -136,6 +197,8 @@ async fn another_user_can_neither_read_nor_change() {
     nf(store.conversation(mallory, c.id).await.map(|_| ()));
     nf(store.branch(mallory, c.id, None).await.map(|_| ()));
     nf(store.children(mallory, c.id, None).await.map(|_| ()));
+    nf(store.siblings(mallory, c.id, &[]).await.map(|_| ()));
+    nf(store.select_branch(mallory, c.id, u.id).await.map(|_| ()));
     nf(store.message(mallory, u.id).await.map(|_| ()));
     nf(store
         .update_conversation(

@@ -87,13 +87,23 @@ function handle(ev) {
       }
       break;
     case "user_message":
-    case "message_started":
+    case "message_started": {
       if (!mine) break;
-      state.messages.push(ev.message);
-      if (ev.type === "message_started") state.thinkingSince[ev.message.id] = Date.now();
+      const m = ev.message;
+      // A new message hangs under its parent: whatever was shown below the parent belongs to
+      // another version now (a regenerate or an edit), so the shown branch ends at the parent.
+      const at = m.parent_id ? state.messages.findIndex((x) => x.id === m.parent_id) : -1;
+      if (m.parent_id && at < 0) {
+        send({ type: "open", conversation_id: state.current }); // out of step: start afresh
+        break;
+      }
+      state.messages.splice(at + 1, Infinity, m);
+      if (ev.siblings.length > 1) state.siblings[m.id] = ev.siblings;
+      if (ev.type === "message_started") state.thinkingSince[m.id] = Date.now();
       notice("");
       renderAll();
       break;
+    }
     case "delta": {
       if (!mine) break;
       const m = state.messages.find((x) => x.id === ev.message_id);
@@ -103,18 +113,17 @@ function handle(ev) {
         if (!m.content && m.reasoning) m.thoughtSeconds = secondsSince(m.id);
         m.content += ev.text;
       }
-      renderMessage(m);
+      schedulePatch(m.id);
       break;
     }
     case "message_done": {
       if (!mine) break;
       const i = state.messages.findIndex((x) => x.id === ev.message.id);
-      const thought = i >= 0 ? state.messages[i].thoughtSeconds : undefined;
-      if (i >= 0) state.messages[i] = { ...ev.message, thoughtSeconds: thought };
-      renderAll();
+      if (i < 0) break;
+      state.messages[i] = { ...ev.message, thoughtSeconds: state.messages[i].thoughtSeconds };
+      renderMessage(state.messages[i]);
+      showControls();
       refreshList();
-      // A fresh snapshot brings the branch list (a regenerate or edit adds a sibling).
-      send({ type: "open", conversation_id: state.current });
       break;
     }
     case "branch_changed":
@@ -152,18 +161,53 @@ function secondsSince(id) {
 function renderAll() {
   const list = $("messages");
   list.replaceChildren(...state.messages.map(messageElement));
-  const generating = state.messages.some((m) => m.status === "streaming");
-  $("stop").hidden = !generating;
-  $("send").hidden = generating;
+  showControls();
   list.scrollTop = list.scrollHeight;
 }
 
-function renderMessage(m) {
-  const old = document.querySelector(`[data-id="${m.id}"]`);
+function showControls() {
+  const generating = state.messages.some((m) => m.status === "streaming");
+  $("stop").hidden = !generating;
+  $("send").hidden = generating;
+}
+
+// Keeps the newest text in view unless the reader has scrolled up.
+function keepingScroll(change) {
   const list = $("messages");
   const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-  if (old) old.replaceWith(messageElement(m));
+  change();
   if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function messageNode(id) { return $("messages").querySelector(`li.msg[data-id="${id}"]`); }
+
+function renderMessage(m) {
+  const old = messageNode(m.id);
+  if (old) keepingScroll(() => old.replaceWith(messageElement(m)));
+}
+
+// Deltas arrive faster than a screen refreshes: the streaming message is redrawn at most once
+// a frame, in place (its element stays, so a selection or an opened reasoning block stays too).
+const patches = new Set();
+function schedulePatch(id) {
+  if (!patches.size) requestAnimationFrame(flushPatches);
+  patches.add(id);
+}
+function flushPatches() {
+  for (const id of patches) {
+    const m = state.messages.find((x) => x.id === id);
+    const li = messageNode(id);
+    if (m && li) keepingScroll(() => patchStreaming(li, m));
+  }
+  patches.clear();
+}
+function patchStreaming(li, m) {
+  if (m.reasoning) {
+    const d = li.querySelector("details.reasoning");
+    if (d) fillReasoning(d, m);
+    else li.prepend(reasoningElement(m));
+  }
+  li.querySelector(".body").replaceWith(bodyElement(m));
 }
 
 function markdown(text) {
@@ -189,21 +233,8 @@ function messageElement(m) {
   li.className = `msg ${m.role} ${m.status}`;
   li.dataset.id = m.id;
   const streaming = m.status === "streaming";
-  if (m.role === "assistant" && m.reasoning) {
-    const d = document.createElement("details");
-    d.className = "reasoning";
-    d.open = streaming && !m.content;
-    const s = document.createElement("summary");
-    s.textContent = streaming && !m.content ? "Thinking…" : `Thought for ${m.thoughtSeconds || "a few"} s`;
-    d.append(s, document.createTextNode(m.reasoning));
-    li.append(d);
-  }
-  const body = document.createElement("div");
-  body.className = "body";
-  if (m.role === "user") body.textContent = m.content;
-  else body.append(markdown(m.content));
-  if (streaming) body.classList.add("cursor");
-  li.append(body);
+  if (m.role === "assistant" && m.reasoning) li.append(reasoningElement(m));
+  li.append(bodyElement(m));
   const meta = document.createElement("div");
   meta.className = "meta";
   const sibs = state.siblings[m.id];
@@ -238,6 +269,37 @@ function messageElement(m) {
   }
   li.append(meta);
   return li;
+}
+
+function bodyElement(m) {
+  const body = document.createElement("div");
+  body.className = "body";
+  if (m.role === "user") body.textContent = m.content;
+  else body.append(markdown(m.content));
+  if (m.status === "streaming") body.classList.add("cursor");
+  return body;
+}
+
+// The model's thinking, open while it thinks and folded once the answer begins (unless the
+// reader opened or closed it meanwhile).
+function reasoningElement(m) {
+  const d = document.createElement("details");
+  d.className = "reasoning";
+  d.append(document.createElement("summary"), document.createTextNode(""));
+  d.ontoggle = () => { if (d.open !== (d.dataset.want === "open")) d.dataset.touched = "1"; };
+  setOpen(d, m.status === "streaming" && !m.content);
+  fillReasoning(d, m);
+  return d;
+}
+function setOpen(d, open) {
+  d.dataset.want = open ? "open" : "closed";
+  d.open = open;
+}
+function fillReasoning(d, m) {
+  const thinking = m.status === "streaming" && !m.content;
+  d.firstChild.textContent = thinking ? "Thinking…" : `Thought for ${m.thoughtSeconds || "a few"} s`;
+  d.lastChild.textContent = m.reasoning;
+  if (!thinking && d.dataset.want === "open" && !d.dataset.touched) setOpen(d, false);
 }
 
 function span(text) { const s = document.createElement("span"); s.textContent = text; return s; }

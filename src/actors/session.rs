@@ -92,11 +92,16 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SessionEvent {
+    /// A user message, and every version of it (oldest first; just itself unless it is an edit).
     UserMessage {
         message: Message,
+        siblings: Vec<MessageId>,
     },
+    /// An answer begins, and every version of it (oldest first; more than itself after a
+    /// regenerate).
     MessageStarted {
         message: Message,
+        siblings: Vec<MessageId>,
     },
     Delta {
         message_id: MessageId,
@@ -327,16 +332,7 @@ impl SessionState {
                 m.reasoning = p.reasoning.clone();
             }
         }
-        let mut siblings = std::collections::HashMap::new();
-        for m in &messages {
-            let kids = s
-                .store
-                .children(s.owner, s.conversation, m.parent_id)
-                .await?;
-            if kids.len() > 1 {
-                siblings.insert(m.id, kids.iter().map(|k| k.id).collect());
-            }
-        }
+        let siblings = s.store.siblings(s.owner, s.conversation, &messages).await?;
         let id = self.next_subscriber;
         self.next_subscriber += 1;
         self.subscribers.push((id, tx));
@@ -389,8 +385,10 @@ impl SessionState {
                 MessageStatus::Complete,
             )
             .await?;
+        let siblings = s.store.children(s.owner, s.conversation, parent).await?;
         self.broadcast(SessionEvent::UserMessage {
             message: user.clone(),
+            siblings,
         });
         self.generate(myself, user.id).await
     }
@@ -541,7 +539,11 @@ impl SessionState {
             last_checkpoint: Instant::now(),
             stopped: false,
         });
-        self.broadcast(SessionEvent::MessageStarted { message });
+        let siblings = s
+            .store
+            .children(s.owner, s.conversation, Some(user))
+            .await?;
+        self.broadcast(SessionEvent::MessageStarted { message, siblings });
         let me = myself.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
@@ -561,41 +563,55 @@ impl SessionState {
         branch: &[Message],
     ) -> Result<(Vec<u32>, usize), SessionError> {
         let engine = &self.args.engine;
-        let mut turns: Vec<ChatMessage> = branch
+        let turns: Vec<ChatMessage> = branch
             .iter()
             .filter(|m| !(m.role == Role::Assistant && m.content.is_empty()))
             .map(|m| ChatMessage::new(m.role.as_str(), &m.content))
             .collect();
         let context = engine.model.cfg.context_length;
-        let mut dropped = 0;
-        loop {
-            let mut all = Vec::with_capacity(turns.len() + 1);
+        // The prompt without the turns before `cut`, and the context it needs with the answer.
+        let attempt = |cut: usize| -> Result<(Vec<u32>, usize), SessionError> {
+            let mut all = Vec::with_capacity(turns.len() - cut + 1);
             if !conv.system_prompt.is_empty() {
                 all.push(ChatMessage::new("system", &conv.system_prompt));
             }
-            all.extend(turns.iter().cloned());
+            all.extend(turns[cut..].iter().cloned());
             let (_, ids) = engine
                 .render_chat(&all, true, Some(conv.reasoning))
                 .map_err(|e| SessionError::Internal {
                     message: e.to_string(),
                 })?;
             let needed = ids.len() + conv.settings.max_tokens;
-            if needed <= context {
-                return Ok((ids, dropped));
-            }
-            // Keep at least the last user turn; drop the oldest user turn and its answers.
-            if conv.overflow_policy == OverflowPolicy::Refuse || turns.len() <= 1 {
-                return Err(SessionError::ContextOverflow { needed, context });
-            }
-            let next_user = turns
-                .iter()
-                .skip(1)
-                .position(|t| t.role == "user")
-                .map(|p| p + 1)
-                .unwrap_or(turns.len() - 1);
-            turns.drain(..next_user);
-            dropped += 1;
+            Ok((ids, needed))
+        };
+        let (ids, needed) = attempt(0)?;
+        if needed <= context {
+            return Ok((ids, 0));
         }
+        // A whole turn starts at each user message; the last one (the question) always stays.
+        let cuts: Vec<usize> = (0..turns.len())
+            .filter(|&i| i == 0 || turns[i].role == "user")
+            .collect();
+        if conv.overflow_policy == OverflowPolicy::Refuse || cuts.len() <= 1 {
+            return Err(SessionError::ContextOverflow { needed, context });
+        }
+        let (mut fits, needed) = attempt(cuts[cuts.len() - 1])?;
+        if needed > context {
+            return Err(SessionError::ContextOverflow { needed, context });
+        }
+        // The fewest oldest turns to drop: the prompt only shrinks as turns go, so bisect
+        // (a long history is rendered a few times, not once per dropped turn).
+        let (mut too_long, mut short_enough) = (0, cuts.len() - 1);
+        while short_enough - too_long > 1 {
+            let mid = (too_long + short_enough) / 2;
+            let (ids, needed) = attempt(cuts[mid])?;
+            if needed <= context {
+                (short_enough, fits) = (mid, ids);
+            } else {
+                too_long = mid;
+            }
+        }
+        Ok((fits, short_enough))
     }
 
     async fn on_job_event(&mut self, gen: u64, ev: JobEvent) -> Result<(), StoreError> {

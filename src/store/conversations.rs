@@ -1,5 +1,7 @@
 //! Conversations, messages and search; every query is scoped by the owner.
 
+use std::collections::HashMap;
+
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
@@ -372,48 +374,97 @@ impl Store {
         rows.iter().map(message).collect()
     }
 
-    /// The messages under `parent` (or the roots), oldest first: the branches to choose from.
+    /// The ids of the messages under `parent` (or the roots), oldest first: the versions to
+    /// choose from.
     pub async fn children(
         &self,
         owner: UserId,
         conv: ConversationId,
         parent: Option<MessageId>,
-    ) -> Result<Vec<Message>> {
-        self.conversation(owner, conv).await?;
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = ? AND m.parent_id IS ? \
-             ORDER BY m.created_at, m.rowid"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(conv.to_string())
-            .bind(parent.map(|p| p.to_string()))
-            .fetch_all(self.reader())
-            .await?;
-        rows.iter().map(message).collect()
+    ) -> Result<Vec<MessageId>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+             WHERE m.conversation_id = ? AND c.owner_id = ? AND m.parent_id IS ? \
+             ORDER BY m.created_at, m.rowid",
+        )
+        .bind(conv.to_string())
+        .bind(owner.to_string())
+        .bind(parent.map(|p| p.to_string()))
+        .fetch_all(self.reader())
+        .await?;
+        if ids.is_empty() {
+            self.conversation(owner, conv).await?; // no children, or not the owner's?
+        }
+        ids.iter().map(|id| parse(id)).collect()
     }
 
-    /// Shows the branch through `message`: the current leaf becomes its newest descendant.
+    /// For every message of `branch` that has other versions (siblings under the same parent):
+    /// all of them, oldest first. One query, whatever the length of the branch.
+    pub async fn siblings(
+        &self,
+        owner: UserId,
+        conv: ConversationId,
+        branch: &[Message],
+    ) -> Result<HashMap<MessageId, Vec<MessageId>>> {
+        let rows: Vec<(Option<String>, String)> = sqlx::query_as(
+            "SELECT m.parent_id, m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+             WHERE m.conversation_id = ? AND c.owner_id = ? ORDER BY m.created_at, m.rowid",
+        )
+        .bind(conv.to_string())
+        .bind(owner.to_string())
+        .fetch_all(self.reader())
+        .await?;
+        if rows.is_empty() {
+            self.conversation(owner, conv).await?; // empty, or not the owner's?
+        }
+        let mut by_parent: HashMap<Option<String>, Vec<MessageId>> = HashMap::new();
+        for (parent, id) in &rows {
+            by_parent
+                .entry(parent.clone())
+                .or_default()
+                .push(parse(id)?);
+        }
+        Ok(branch
+            .iter()
+            .filter_map(|m| {
+                let kids = by_parent.get(&m.parent_id.map(|p| p.to_string()))?;
+                (kids.len() > 1).then(|| (m.id, kids.clone()))
+            })
+            .collect())
+    }
+
+    /// Shows the branch through `message`: the current leaf becomes its newest descendant
+    /// (the newest child at every level), found and set in one statement.
     pub async fn select_branch(
         &self,
         owner: UserId,
         conv: ConversationId,
         message: MessageId,
     ) -> Result<Conversation> {
-        let mut leaf = self.message(owner, message).await?;
-        if leaf.conversation_id != conv {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "WITH RECURSIVE down(id, depth) AS ( \
+               SELECT m.id, 0 FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+               WHERE m.id = ? AND m.conversation_id = ? AND c.owner_id = ? \
+               UNION ALL SELECT k.id, down.depth + 1 FROM down JOIN messages k ON k.parent_id = down.id \
+               WHERE k.id = (SELECT n.id FROM messages n WHERE n.parent_id = down.id \
+                             ORDER BY n.created_at DESC, n.rowid DESC LIMIT 1)) \
+             UPDATE conversations SET current_leaf_id = \
+               (SELECT id FROM down ORDER BY depth DESC LIMIT 1) \
+             WHERE id = ? AND owner_id = ? AND EXISTS (SELECT 1 FROM down)",
+        )
+        .bind(message.to_string())
+        .bind(conv.to_string())
+        .bind(owner.to_string())
+        .bind(conv.to_string())
+        .bind(owner.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        if n == 0 {
             return Err(StoreError::NotFound);
         }
-        while let Some(child) = self.children(owner, conv, Some(leaf.id)).await?.pop() {
-            leaf = child;
-        }
-        let mut tx = self.begin().await?;
-        sqlx::query("UPDATE conversations SET current_leaf_id = ? WHERE id = ? AND owner_id = ?")
-            .bind(leaf.id.to_string())
-            .bind(conv.to_string())
-            .bind(owner.to_string())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         self.conversation(owner, conv).await
     }
 

@@ -41,15 +41,29 @@ async function ask(page, text) {
   await page.press("#input", "Enter");
 }
 
+// Records the most messages of `selector` the page ever showed until `stop` is called.
+async function watchCount(page, selector) {
+  await page.evaluate((sel) => {
+    window.__most = document.querySelectorAll(sel).length;
+    window.__watch = new MutationObserver(() => {
+      window.__most = Math.max(window.__most, document.querySelectorAll(sel).length);
+    });
+    window.__watch.observe(document.getElementById("messages"), { childList: true, subtree: true });
+  }, selector);
+  return () => page.evaluate(() => { window.__watch.disconnect(); return window.__most; });
+}
+
 const alice = await newUser();
 const { page } = alice;
 
 await check("a message streams in and is answered", async () => {
+  // A short answer may be done within a few frames: watch for the streaming state rather
+  // than hope to catch it.
+  const streamed = await watchCount(page, "li.msg.assistant.streaming .body.cursor");
   await ask(page, "What is the capital of France?");
   await page.waitForSelector("li.msg.user >> text=What is the capital of France?");
-  await page.waitForSelector("li.msg.assistant.streaming", { timeout: 30000 });
-  await shot(page, "01-streaming");
   await page.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
+  assert((await streamed()) === 1, "the answer was shown streaming, with a cursor");
   const text = await lastAnswer(page).innerText();
   assert(text.trim().length > 0, "an answer");
   const meta = await page.locator("li.msg.assistant .meta").last().innerText();
@@ -60,12 +74,31 @@ await check("a message streams in and is answered", async () => {
 
 await check("regenerate makes a second version, and the arrows move between them", async () => {
   const first = await lastAnswer(page).innerText();
+  const most = await watchCount(page, "li.msg.assistant");
   await page.locator("li.msg.assistant .meta button:has-text('Regenerate')").last().click();
   await page.waitForSelector("li.msg.assistant .meta >> text=2/2", { timeout: 60000 });
+  const shown = await most();
+  assert(shown === 1, `the new version replaces the old one on screen (${shown} answers shown at once)`);
   await page.locator("li.msg.assistant .meta button[aria-label='previous version']").last().click();
   await page.waitForSelector("li.msg.assistant .meta >> text=1/2");
   assert((await lastAnswer(page).innerText()) === first, "the first version is back");
   await shot(page, "02b-branches");
+});
+
+await check("edit asks again on a new branch, and the old question stays one arrow away", async () => {
+  const most = await watchCount(page, "li.msg.user");
+  page.__dialogAnswer = "What is the capital of Italy?";
+  await page.locator("li.msg.user .meta button:has-text('Edit')").last().click();
+  page.__dialogAnswer = undefined;
+  await page.waitForSelector("li.msg.user .meta >> text=2/2", { timeout: 60000 });
+  await page.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
+  const shown = await most();
+  assert(shown === 1, `the edit replaces the question on screen (${shown} questions shown at once)`);
+  const texts = await page.locator("li.msg").allInnerTexts();
+  assert(texts.length === 2 && texts[0].includes("Italy"), `one question and its answer: ${texts}`);
+  await page.locator("li.msg.user .meta button[aria-label='previous version']").click();
+  await page.waitForSelector("li.msg.user >> text=What is the capital of France?");
+  await page.waitForSelector("li.msg.user .meta >> text=1/2");
 });
 
 await check("a reload mid-answer shows what was written and goes on", async () => {
@@ -81,9 +114,11 @@ await check("a reload mid-answer shows what was written and goes on", async () =
   const after = await lastAnswer(page).innerText();
   assert(after.length >= before.length - 2, `kept what was written (${after.length} < ${before.length})`);
   await shot(page, "03-after-reload");
+  // It goes on in the same element: the text grows in place (a reader's selection survives).
+  await page.evaluate(() => { window.__streaming = [...document.querySelectorAll("li.msg.assistant")].pop(); });
   await page.waitForFunction((n) => {
-    const b = [...document.querySelectorAll("li.msg.assistant .body")].pop();
-    return b && b.innerText.length > n;
+    const li = window.__streaming;
+    return li.isConnected && li.querySelector(".body").innerText.length > n;
   }, before.length + 20, { timeout: 60000 });
 });
 
