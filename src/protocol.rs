@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use crate::actors::session::{Partial, SessionEvent};
 use crate::store::{Conversation, ConversationId, Message, MessageId, Settings};
 
-
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// What a client may send.

@@ -216,31 +216,20 @@ fn attention(
             let qrow = &q[(r0 + i) * nh * hd + kvh * group * hd..][..group * hd];
             scores.clear();
             scores.resize(group * upto, 0.0);
+            // `scores` holds one row of `upto` per head; each block of keys fills its columns.
             let mut p0 = 0;
             for blk in cache.rows(layer, kvh, false, upto) {
-                let n = blk.len() / hd;
-                let mut part = vec![0f32; group * n];
-                simd::scores_f16(blk, qrow, group, hd, scale, &mut part);
-                for h in 0..group {
-                    scores[h * upto + p0..h * upto + p0 + n]
-                        .copy_from_slice(&part[h * n..(h + 1) * n]);
-                }
-                p0 += n;
+                simd::scores_f16(blk, qrow, (group, hd), scale, &mut scores[p0..], upto);
+                p0 += blk.len() / hd;
             }
             for h in 0..group {
                 softmax(&mut scores[h * upto..(h + 1) * upto]);
             }
             let dst = &mut res[(i - i0) * group * hd..(i - i0 + 1) * group * hd];
             let mut p0 = 0;
-            let mut w = Vec::new();
             for blk in cache.rows(layer, kvh, true, upto) {
-                let n = blk.len() / hd;
-                w.clear();
-                for h in 0..group {
-                    w.extend_from_slice(&scores[h * upto + p0..h * upto + p0 + n]);
-                }
-                simd::weighted_sum_f16(blk, &w, group, hd, dst);
-                p0 += n;
+                simd::weighted_sum_f16(blk, &scores[p0..], (group, hd), upto, dst);
+                p0 += blk.len() / hd;
             }
         }
         res

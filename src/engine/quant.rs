@@ -86,21 +86,70 @@ impl Default for BlockQ8 {
     }
 }
 
-/// Quantizes `x` (a multiple of 32 long) into `out`.
+/// Quantizes `x` (a multiple of 32 long) into `out`, rounding half to even (as the AVX2 path's
+/// `vroundps` does, so both paths give the same bytes).
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
-    debug_assert_eq!(x.len(), out.len() * 32);
+    assert_eq!(x.len(), out.len() * 32);
+    #[cfg(target_arch = "x86_64")]
+    if crate::engine::simd::has_avx2() {
+        // SAFETY: features checked above; lengths checked by the assert.
+        return unsafe { quantize_row_q8_avx2(x, out) };
+    }
+    quantize_row_q8_portable(x, out)
+}
+
+fn quantize_row_q8_portable(x: &[f32], out: &mut [BlockQ8]) {
     for (chunk, blk) in x.chunks_exact(32).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in blk.qs.iter_mut().zip(chunk) {
-            let r = (v * id).round() as i32;
-            *q = r.clamp(-127, 127) as i8;
+            *q = ((v * id).round_ties_even() as i32).clamp(-127, 127) as i8;
             sum += *q as i32;
         }
         blk.d = d;
         blk.s = d * sum as f32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_q8_avx2(x: &[f32], out: &mut [BlockQ8]) {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm256_set1_ps(-0.0);
+    // After two packs the dwords of each lane are interleaved; this puts them back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (chunk, blk) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let p = chunk.as_ptr();
+        let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| {
+            _mm256_max_ps(m, _mm256_andnot_ps(abs_mask, v))
+        });
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let q = v.map(|v| {
+            let r = _mm256_round_ps(
+                _mm256_mul_ps(v, id),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            _mm256_cvtps_epi32(r)
+        });
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let packed = _mm256_permutevar8x32_epi32(packed, order);
+        _mm256_storeu_si256(blk.qs.as_mut_ptr() as *mut __m256i, packed);
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b10_11_00_01));
+        blk.d = d;
+        blk.s = d * _mm_cvtsi128_si32(s4) as f32;
     }
 }
 
@@ -307,6 +356,27 @@ pub fn sanitize_random_scales(ty: GgmlType, b: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn q8_simd_and_portable_give_the_same_bytes() {
+        // Ties (x·127/amax exactly k + 0.5), zeros, negatives and a block of all zeros.
+        let mut x: Vec<f32> = (0..96).map(|i| ((i as f32) * 0.61).sin() * 5.0).collect();
+        x[0] = 127.0;
+        for (i, v) in x[1..32].iter_mut().enumerate() {
+            *v = (i as f32 - 15.0) + 0.5;
+        }
+        x[64..].fill(0.0);
+        let mut a = vec![BlockQ8::default(); 3];
+        let mut b = vec![BlockQ8::default(); 3];
+        quantize_row_q8(&x, &mut a);
+        quantize_row_q8_portable(&x, &mut b);
+        for (a, b) in a.iter().zip(&b) {
+            assert_eq!((a.qs, a.d, a.s), (b.qs, b.d, b.s));
+        }
+        assert_eq!(a[0].qs[1], -14, "-14.5 rounds to even");
+        assert_eq!(a[0].qs[2], -14, "-13.5 rounds to even");
+        assert_eq!(a[2].qs, [0; 32]);
+    }
 
     #[test]
     fn q8_roundtrip_is_close() {

@@ -48,36 +48,92 @@ pub fn axpy_f16(out: &mut [f32], v: &[f16], w: f32) {
     }
 }
 
-/// Attention scores of `g` query heads against `n` f16 key rows: `out[h·n + p] = scale·k_p·q_h`
-/// (`q`: `g × hd`, contiguous). Each key row is loaded once for all heads of its group.
-pub fn scores_f16(k: &[f16], q: &[f32], g: usize, hd: usize, scale: f32, out: &mut [f32]) {
+/// Attention scores of `g` query heads against `n` f16 key rows:
+/// `out[h·stride + p] = scale·k_p·q_h` (`q`: `g × hd`, contiguous). Each key row is loaded once
+/// for all heads of its group.
+pub fn scores_f16(
+    k: &[f16],
+    q: &[f32],
+    (g, hd): (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
     let n = k.len() / hd;
+    assert!(q.len() >= g * hd && (g == 0 || (g - 1) * stride + n <= out.len()));
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd % 8 == 0 && g <= 4 {
-        // SAFETY: features checked above; shapes checked by the kernel's asserts.
-        return unsafe { x86::scores_f16(k, q, g, hd, scale, out) };
+    if has_avx2() && hd % 8 == 0 {
+        // SAFETY: features checked above; shapes checked by the assert above.
+        // Positions per pass: enough independent sums to keep both FMA units busy.
+        unsafe {
+            return match g {
+                1 => x86::scores_f16::<1, 4>(k, q, hd, scale, out, stride),
+                2 => x86::scores_f16::<2, 4>(k, q, hd, scale, out, stride),
+                3 => x86::scores_f16::<3, 2>(k, q, hd, scale, out, stride),
+                4 => x86::scores_f16::<4, 2>(k, q, hd, scale, out, stride),
+                _ => scores_f16_portable(k, q, (g, hd), scale, out, stride),
+            };
+        }
     }
+    scores_f16_portable(k, q, (g, hd), scale, out, stride)
+}
+
+fn scores_f16_portable(
+    k: &[f16],
+    q: &[f32],
+    (g, hd): (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
     for h in 0..g {
-        for p in 0..n {
-            out[h * n + p] = scale * dot_f16(&k[p * hd..(p + 1) * hd], &q[h * hd..(h + 1) * hd]);
+        for p in 0..k.len() / hd {
+            out[h * stride + p] =
+                scale * dot_f16(&k[p * hd..(p + 1) * hd], &q[h * hd..(h + 1) * hd]);
         }
     }
 }
 
-/// `out[h] += Σ_p w[h·n + p]·v_p` for `g` heads over `n` f16 value rows (`out`: `g × hd`).
-pub fn weighted_sum_f16(v: &[f16], w: &[f32], g: usize, hd: usize, out: &mut [f32]) {
+/// `out[h] += Σ_p w[h·stride + p]·v_p` for `g` heads over `n` f16 value rows (`out`: `g × hd`).
+pub fn weighted_sum_f16(
+    v: &[f16],
+    w: &[f32],
+    (g, hd): (usize, usize),
+    stride: usize,
+    out: &mut [f32],
+) {
     let n = v.len() / hd;
+    assert!(out.len() >= g * hd && (g == 0 || (g - 1) * stride + n <= w.len()));
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd % 8 == 0 && g <= 4 {
-        // SAFETY: features checked above.
-        return unsafe { x86::weighted_sum_f16(v, w, g, hd, out) };
+    if has_avx2() && hd % 32 == 0 {
+        // SAFETY: features checked above; shapes checked by the assert above.
+        // Columns per pass (in eights): enough independent sums for both FMA units.
+        unsafe {
+            return match g {
+                1 => x86::weighted_sum_f16::<1, 4>(v, w, hd, stride, out),
+                2 => x86::weighted_sum_f16::<2, 4>(v, w, hd, stride, out),
+                3 => x86::weighted_sum_f16::<3, 2>(v, w, hd, stride, out),
+                4 => x86::weighted_sum_f16::<4, 2>(v, w, hd, stride, out),
+                _ => weighted_sum_f16_portable(v, w, (g, hd), stride, out),
+            };
+        }
     }
+    weighted_sum_f16_portable(v, w, (g, hd), stride, out)
+}
+
+fn weighted_sum_f16_portable(
+    v: &[f16],
+    w: &[f32],
+    (g, hd): (usize, usize),
+    stride: usize,
+    out: &mut [f32],
+) {
     for h in 0..g {
-        for p in 0..n {
+        for p in 0..v.len() / hd {
             axpy_f16(
                 &mut out[h * hd..(h + 1) * hd],
                 &v[p * hd..(p + 1) * hd],
-                w[h * n + p],
+                w[h * stride + p],
             );
         }
     }
@@ -96,49 +152,75 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
+    /// `G` heads, `P` positions at a time (`G·P` sums in flight); the caller checks shapes.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores_f16(
+    pub unsafe fn scores_f16<const G: usize, const P: usize>(
         k: &[f16],
         q: &[f32],
-        g: usize,
         hd: usize,
         scale: f32,
         out: &mut [f32],
+        stride: usize,
     ) {
         let n = k.len() / hd;
-        assert!(q.len() >= g * hd && out.len() >= g * n);
-        let kp = k.as_ptr() as *const __m128i;
-        for p in 0..n {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for c in 0..hd / 8 {
-                let kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(p * hd / 8 + c)));
-                for (h, a) in acc.iter_mut().enumerate().take(g) {
-                    *a = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q.as_ptr().add(h * hd + c * 8)), *a);
+        let chunks = hd / 8;
+        let (kp, qp, op) = (k.as_ptr() as *const __m128i, q.as_ptr(), out.as_mut_ptr());
+        let mut p = 0;
+        while p < n {
+            let m = P.min(n - p);
+            let mut acc = [[_mm256_setzero_ps(); P]; G];
+            for c in 0..chunks {
+                let mut kv = [_mm256_setzero_ps(); P];
+                for (j, kv) in kv.iter_mut().enumerate().take(m) {
+                    *kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add((p + j) * chunks + c)));
+                }
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let qv = _mm256_loadu_ps(qp.add(h * hd + c * 8));
+                    for (a, kv) in acc.iter_mut().zip(&kv) {
+                        *a = _mm256_fmadd_ps(*kv, qv, *a);
+                    }
                 }
             }
-            for (h, a) in acc.iter().enumerate().take(g) {
-                *out.get_unchecked_mut(h * n + p) = scale * hsum(*a);
+            for (h, acc) in acc.iter().enumerate() {
+                for (j, a) in acc.iter().enumerate().take(m) {
+                    *op.add(h * stride + p + j) = scale * hsum(*a);
+                }
             }
+            p += m;
         }
     }
 
+    /// `G` heads, `C` eights of columns at a time (`G·C` sums in flight), positions in order.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_sum_f16(v: &[f16], w: &[f32], g: usize, hd: usize, out: &mut [f32]) {
+    pub unsafe fn weighted_sum_f16<const G: usize, const C: usize>(
+        v: &[f16],
+        w: &[f32],
+        hd: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
         let n = v.len() / hd;
-        assert!(w.len() >= g * n && out.len() >= g * hd && hd <= 256);
-        let vp = v.as_ptr() as *const __m128i;
-        // Accumulate 8 columns at a time for every head, in registers, over all positions.
-        for c in 0..hd / 8 {
-            let mut acc = [_mm256_setzero_ps(); 4];
+        let chunks = hd / 8;
+        let (vp, wp, op) = (v.as_ptr() as *const __m128i, w.as_ptr(), out.as_mut_ptr());
+        for c0 in (0..chunks).step_by(C) {
+            let mut acc = [[_mm256_setzero_ps(); C]; G];
             for p in 0..n {
-                let vv = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(p * hd / 8 + c)));
-                for (h, a) in acc.iter_mut().enumerate().take(g) {
-                    *a = _mm256_fmadd_ps(vv, _mm256_set1_ps(*w.get_unchecked(h * n + p)), *a);
+                let mut vv = [_mm256_setzero_ps(); C];
+                for (c, vv) in vv.iter_mut().enumerate() {
+                    *vv = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(p * chunks + c0 + c)));
+                }
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_set1_ps(*wp.add(h * stride + p));
+                    for c in 0..C {
+                        acc[c] = _mm256_fmadd_ps(vv[c], wv, acc[c]);
+                    }
                 }
             }
-            for (h, a) in acc.iter().enumerate().take(g) {
-                let o = out.as_mut_ptr().add(h * hd + c * 8);
-                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *a));
+            for (h, acc) in acc.iter().enumerate() {
+                for (c, a) in acc.iter().enumerate() {
+                    let o = op.add(h * hd + (c0 + c) * 8);
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *a));
+                }
             }
         }
     }
@@ -216,6 +298,39 @@ mod tests {
         axpy_f16(&mut out, &h, 2.0);
         for i in 0..77 {
             assert!((out[i] - (b[i] + 2.0 * a[i])).abs() < 1e-2);
+        }
+    }
+
+    #[test]
+    fn attention_kernels_match_the_portable_ones() {
+        for (g, hd, n) in [
+            (1, 64, 7),
+            (2, 64, 32),
+            (3, 64, 33),
+            (4, 128, 5),
+            (5, 64, 9),
+        ] {
+            let stride = n + 3;
+            let k: Vec<f16> = (0..n * hd)
+                .map(|i| f16::from_f32(((i * 7 % 13) as f32 - 6.0) * 0.1))
+                .collect();
+            let q: Vec<f32> = (0..g * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (mut fast, mut slow) = (vec![0f32; g * stride], vec![0f32; g * stride]);
+            scores_f16(&k, &q, (g, hd), 0.125, &mut fast, stride);
+            scores_f16_portable(&k, &q, (g, hd), 0.125, &mut slow, stride);
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "scores g={g} hd={hd} n={n}: {a} vs {b}"
+                );
+            }
+            assert!(fast.iter().any(|&x| x != 0.0));
+            let (mut fast_out, mut slow_out) = (vec![1f32; g * hd], vec![1f32; g * hd]);
+            weighted_sum_f16(&k, &fast, (g, hd), stride, &mut fast_out);
+            weighted_sum_f16_portable(&k, &slow, (g, hd), stride, &mut slow_out);
+            for (a, b) in fast_out.iter().zip(&slow_out) {
+                assert!((a - b).abs() < 1e-3, "sums g={g} hd={hd} n={n}: {a} vs {b}");
+            }
         }
     }
 }
