@@ -46,36 +46,46 @@ enum SyntheticModel {
     Smollm3_3b,
 }
 
+#[derive(Parser)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 3000)]
+    port: u16,
+    /// Where the database lives.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Origins allowed to open the WebSocket besides the server's own (repeatable).
+    #[arg(long = "allow-origin")]
+    allow_origins: Vec<String>,
+    /// Sequences decoding together at most (default: 16 on the CPU, 128 on a GPU).
+    #[arg(long)]
+    max_running: Option<usize>,
+    /// Requests waiting for a slot at most; beyond, `busy` (default: 64 CPU, 512 GPU).
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Memory for all KV caches, MB (default: 1024 on the CPU, 16384 on a GPU).
+    #[arg(long)]
+    kv_budget_mb: Option<usize>,
+    /// Chat messages per user per minute.
+    #[arg(long, default_value_t = 20)]
+    messages_per_minute: usize,
+    /// Answers generating at once per user.
+    #[arg(long, default_value_t = 2)]
+    concurrent_generations: usize,
+}
+
+impl Default for ServeArgs {
+    /// `serve` with every flag at its default: what `smolchat` alone runs.
+    fn default() -> Self {
+        Self::parse_from(["serve"])
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the chat on the web (the default).
-    Serve {
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long, default_value_t = 3000)]
-        port: u16,
-        /// Where the database lives.
-        #[arg(long, default_value = "data")]
-        data_dir: PathBuf,
-        /// Origins allowed to open the WebSocket besides the server's own (repeatable).
-        #[arg(long = "allow-origin")]
-        allow_origins: Vec<String>,
-        /// Sequences decoding together at most (default: 16 on the CPU, 128 on a GPU).
-        #[arg(long)]
-        max_running: Option<usize>,
-        /// Requests waiting for a slot at most; beyond, `busy` (default: 64 CPU, 512 GPU).
-        #[arg(long)]
-        max_queue: Option<usize>,
-        /// Memory for all KV caches, MB (default: 1024 on the CPU, 16384 on a GPU).
-        #[arg(long)]
-        kv_budget_mb: Option<usize>,
-        /// Chat messages per user per minute.
-        #[arg(long, default_value_t = 20)]
-        messages_per_minute: usize,
-        /// Answers generating at once per user.
-        #[arg(long, default_value_t = 2)]
-        concurrent_generations: usize,
-    },
+    Serve(ServeArgs),
     /// Print a bearer token for a new user (for scripts).
     Token {
         #[arg(long, default_value = "data")]
@@ -202,19 +212,11 @@ fn run(args: Args) -> Result<()> {
     if let Some(n) = args.threads {
         smolchat::engine::pool::set_threads(n);
     }
-    let command = args.command.unwrap_or(Command::Serve {
-        host: "127.0.0.1".into(),
-        port: 3000,
-        data_dir: "data".into(),
-        allow_origins: vec![],
-        max_running: None,
-        max_queue: None,
-        kv_budget_mb: None,
-        messages_per_minute: 20,
-        concurrent_generations: 2,
-    });
+    let command = args
+        .command
+        .unwrap_or_else(|| Command::Serve(ServeArgs::default()));
     match command {
-        Command::Serve {
+        Command::Serve(ServeArgs {
             host,
             port,
             data_dir,
@@ -224,7 +226,7 @@ fn run(args: Args) -> Result<()> {
             kv_budget_mb,
             messages_per_minute,
             concurrent_generations,
-        } => {
+        }) => {
             fetch_if_default(&args.model)?;
             let placement = args.device.resolve()?;
             let base = if placement.is_gpu() {
