@@ -76,7 +76,8 @@ fn the_page_works_in_a_real_browser() {
                     [click me](javascript:window.__pwned=true) <script>window.__pwned=true</script>\n\n\
                     <a href=\"javascript:alert(1)\" onclick=\"alert(2)\">x</a>\n\n```\ncode block\n```\n";
         let done = MessageOutcome { status: Some(MessageStatus::Complete), finish_reason: Some("stop".into()), ..Default::default() };
-        s.finish_message(user, a.id, evil, "", &done).await.unwrap();
+        let thinking = "The user wants a table. <img src=x onerror=\"window.__pwned=true\">";
+        s.finish_message(user, a.id, evil, thinking, &done).await.unwrap();
         (token, c.id)
     });
     let artifacts = root.join("tests/artifacts");

@@ -164,6 +164,29 @@ await check("another user sees none of the first user's conversations", async ()
   await bob.ctx.close();
 });
 
+await check("a dropped connection comes back by itself and the chat goes on", async () => {
+  const ctx = await browser.newContext();
+  const p = await ctx.newPage();
+  const links = []; // every socket the page opened, proxied to the real server
+  await p.routeWebSocket(/\/ws$/, (page) => { links.push({ page, server: page.connectToServer() }); });
+  await p.goto(base);
+  await p.waitForSelector("#status:has-text('connected')");
+  await ask(p, "Say hello.");
+  await p.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
+  const { page: pageSide, server } = links.at(-1);
+  await server.close({ code: 1011, reason: "dropped by the test" });
+  await pageSide.close({ code: 1011, reason: "dropped by the test" });
+  await p.waitForSelector("#status:has-text('reconnecting')");
+  await p.waitForSelector("#status:has-text('connected')", { timeout: 15000 });
+  assert(links.length === 2, `one new socket (${links.length})`);
+  await ask(p, "Say goodbye.");
+  await p.waitForFunction(() => document.querySelectorAll("li.msg.assistant.complete").length === 2,
+    null, { timeout: 60000 });
+  const questions = await p.locator("li.msg.user").allInnerTexts();
+  assert(questions.length === 2 && questions[0].includes("Say hello."), `the conversation went on: ${questions}`);
+  await ctx.close();
+});
+
 await check("markdown from the model renders inert: no script, no handler, no javascript: link", async () => {
   const ctx = await browser.newContext();
   await ctx.addCookies([{ name: "smolchat_token", value: xssToken, url: base }]);
@@ -182,8 +205,17 @@ await check("markdown from the model renders inert: no script, no handler, no ja
       pwned: window.__pwned === true,
       code: body.querySelectorAll("pre button.copy").length,
       bold: body.querySelectorAll("strong").length,
+      reasoning: [...document.querySelectorAll("li.msg.assistant details.reasoning")].map((d) => ({
+        open: d.open, summary: d.querySelector("summary").textContent, text: d.textContent,
+        elements: d.querySelectorAll("img").length,
+      })),
     };
   });
+  const [r] = report.reasoning;
+  assert(report.reasoning.length === 1 && !r.open && r.summary.startsWith("Thought for"),
+    `the reasoning folded under its own summary: ${JSON.stringify(report.reasoning)}`);
+  assert(r.text.includes("The user wants a table. <img") && r.elements === 0,
+    `the reasoning shown as text: ${JSON.stringify(r)}`);
   assert(report.onerror === 0 && report.scripts === 0 && report.jsLinks === 0, JSON.stringify(report));
   assert(!report.pwned && dialogs === 0, "no script ran");
   assert(report.code === 1 && report.bold === 1, `markdown rendered: ${JSON.stringify(report)}`);
