@@ -297,7 +297,8 @@ function setOpen(d, open) {
 }
 function fillReasoning(d, m) {
   const thinking = m.status === "streaming" && !m.content;
-  d.firstChild.textContent = thinking ? "Thinking…" : `Thought for ${m.thoughtSeconds || "a few"} s`;
+  d.firstChild.textContent = thinking ? "Thinking…"
+    : m.thoughtSeconds ? `Thought for ${m.thoughtSeconds} s` : "Reasoning";
   d.lastChild.textContent = m.reasoning;
   if (!thinking && d.dataset.want === "open" && !d.dataset.touched) setOpen(d, false);
 }

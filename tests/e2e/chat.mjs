@@ -212,7 +212,7 @@ await check("markdown from the model renders inert: no script, no handler, no ja
     };
   });
   const [r] = report.reasoning;
-  assert(report.reasoning.length === 1 && !r.open && r.summary.startsWith("Thought for"),
+  assert(report.reasoning.length === 1 && !r.open && r.summary === "Reasoning",
     `the reasoning folded under its own summary: ${JSON.stringify(report.reasoning)}`);
   assert(r.text.includes("The user wants a table. <img") && r.elements === 0,
     `the reasoning shown as text: ${JSON.stringify(r)}`);
