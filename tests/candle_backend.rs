@@ -20,6 +20,7 @@ fn on_candle(path: &Path, kv_bytes: usize) -> Model {
             .resolve()
             .expect("candle's CPU device"),
         kv_bytes,
+        ..Default::default()
     };
     let f = GgufFile::open(path).unwrap();
     Model::load(&f, None, &opts, &|_| {}).unwrap()
@@ -45,6 +46,25 @@ fn tiny_llama_matches_transformers_on_the_candle_backend() {
     );
     let worst = check_variant(&model, "q8_0_rope_all");
     eprintln!("tiny llama on candle: largest logit difference {worst:.3}");
+}
+
+#[test]
+fn a_device_keeps_an_f16_kv_cache_and_says_so_when_asked_for_8_bits() {
+    let mut model = on_candle(&common::default_model_path(), 16 << 20);
+    assert!(matches!(
+        model.set_kv_format(smolchat::engine::KvFormat::Q8),
+        Err(EngineError::Unsupported(_))
+    ));
+    let opts = LoadOptions {
+        placement: DeviceChoice::CandleCpu.resolve().unwrap(),
+        kv_format: smolchat::engine::KvFormat::Q8,
+        ..Default::default()
+    };
+    let f = GgufFile::open(&common::default_model_path()).unwrap();
+    assert!(matches!(
+        Model::load(&f, None, &opts, &|_| {}),
+        Err(EngineError::Unsupported(_))
+    ));
 }
 
 #[test]
@@ -171,6 +191,7 @@ async fn the_model_actor_batches_on_the_candle_backend_and_gives_every_block_bac
     let opts = LoadOptions {
         placement: DeviceChoice::CandleCpu.resolve().unwrap(),
         kv_bytes: 64 << 20,
+        ..Default::default()
     };
     let engine = std::sync::Arc::new(
         Engine::load_with(&common::default_model_path(), &opts, &|_, _| {}).unwrap(),

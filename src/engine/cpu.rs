@@ -3,7 +3,7 @@
 //! wide.
 
 use super::config::ModelConfig;
-use super::kv::KvCache;
+use super::kv::{KvCache, KvRows};
 use super::matmul::{matmul, matmul_many, QMatrix, QuantizedRows};
 use super::model::{rope_tables, Logits, RawMatrix, SeqInput, Weights};
 use super::simd;
@@ -219,8 +219,14 @@ fn attention(
             // `scores` holds one row of `upto` per head; each block of keys fills its columns.
             let mut p0 = 0;
             for blk in cache.rows(layer, kvh, false, upto) {
-                simd::scores_f16(blk, qrow, (group, hd), scale, &mut scores[p0..], upto);
-                p0 += blk.len() / hd;
+                let out = &mut scores[p0..];
+                match blk {
+                    KvRows::F16(k) => simd::scores_f16(k, qrow, (group, hd), scale, out, upto),
+                    KvRows::Q8(q, d) => {
+                        simd::scores_q8((q, d), qrow, (group, hd), scale, out, upto)
+                    }
+                }
+                p0 += blk.values() / hd;
             }
             for h in 0..group {
                 softmax(&mut scores[h * upto..(h + 1) * upto]);
@@ -228,8 +234,12 @@ fn attention(
             let dst = &mut res[(i - i0) * group * hd..(i - i0 + 1) * group * hd];
             let mut p0 = 0;
             for blk in cache.rows(layer, kvh, true, upto) {
-                simd::weighted_sum_f16(blk, &scores[p0..], (group, hd), upto, dst);
-                p0 += blk.len() / hd;
+                let w = &scores[p0..];
+                match blk {
+                    KvRows::F16(v) => simd::weighted_sum_f16(v, w, (group, hd), upto, dst),
+                    KvRows::Q8(q, d) => simd::weighted_sum_q8((q, d), w, (group, hd), upto, dst),
+                }
+                p0 += blk.values() / hd;
             }
         }
         res

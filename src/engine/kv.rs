@@ -1,7 +1,9 @@
 //! The KV cache of one sequence, grown in fixed blocks of positions.
 //!
-//! On the CPU a [`KvBlock`] holds K and V (f16) of [`BLOCK_LEN`] positions for every layer and
-//! KV head, laid out so that one head's positions are contiguous. On a device the blocks live in
+//! On the CPU a [`KvBlock`] holds K and V of [`BLOCK_LEN`] positions for every layer and KV head,
+//! laid out so that one head's positions are contiguous: in f16, or (`KvFormat::Q8`) in signed
+//! bytes with one f32 scale per 32 values — about half the memory, and half the bytes attention
+//! reads each step. On a device the blocks live in
 //! the backend's per-layer slabs and the cache holds only their ids, handed out by a
 //! [`BlockPool`]. Growing the cache appends a block; nothing is ever re-concatenated. The caller
 //! owns caches: it keeps one per sequence, frees it, or keeps it warm and truncates it to a
@@ -16,12 +18,25 @@ use super::config::ModelConfig;
 /// Positions per block.
 pub const BLOCK_LEN: usize = 32;
 
+/// How a host cache stores K and V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvFormat {
+    #[default]
+    F16,
+    /// 8-bit: `x ≈ d·q` per 32 values (needs a head size that is a multiple of 32).
+    Q8,
+}
+
+/// Values that share one scale in a [`KvFormat::Q8`] cache.
+pub const Q8_GROUP: usize = 32;
+
 /// Sizes a cache needs, copied out of the model config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
     pub n_layers: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    pub format: KvFormat,
 }
 
 impl KvShape {
@@ -30,6 +45,7 @@ impl KvShape {
             n_layers: cfg.n_layers,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
+            format: KvFormat::F16,
         }
     }
 
@@ -42,12 +58,30 @@ impl KvShape {
     }
 
     pub fn block_bytes(&self) -> usize {
-        self.block_elems() * 2
+        match self.format {
+            KvFormat::F16 => self.block_elems() * 2,
+            KvFormat::Q8 => self.block_elems() + self.block_elems() / Q8_GROUP * 4,
+        }
     }
 }
 
-pub struct KvBlock {
-    data: Box<[f16]>,
+pub enum KvBlock {
+    F16(Box<[f16]>),
+    /// Values, and one scale per [`Q8_GROUP`] values in the same order.
+    Q8(Box<[i8]>, Box<[f32]>),
+}
+
+impl KvBlock {
+    fn new(shape: &KvShape) -> Self {
+        let elems = shape.block_elems();
+        match shape.format {
+            KvFormat::F16 => KvBlock::F16(vec![f16::ZERO; elems].into_boxed_slice()),
+            KvFormat::Q8 => KvBlock::Q8(
+                vec![0; elems].into_boxed_slice(),
+                vec![0.0; elems / Q8_GROUP].into_boxed_slice(),
+            ),
+        }
+    }
 }
 
 /// The ids of a device's KV blocks that no cache holds.
@@ -179,10 +213,8 @@ impl KvCache {
         self.len += n;
         match &mut self.blocks {
             Blocks::Host(blocks) => {
-                let elems = self.shape.block_elems();
-                blocks.resize_with(want.max(blocks.len()), || KvBlock {
-                    data: vec![f16::ZERO; elems].into_boxed_slice(),
-                });
+                let shape = self.shape;
+                blocks.resize_with(want.max(blocks.len()), || KvBlock::new(&shape));
             }
             Blocks::Device { ids, pool } => {
                 let mut free = pool.lock();
@@ -224,9 +256,16 @@ impl KvCache {
                 let Blocks::Host(blocks) = &mut self.blocks else {
                     panic!("host write to a device KV cache")
                 };
-                let dst = &mut blocks[b].data[o..o + hd];
-                // F16C when the CPU has it (half detects it at run time).
-                dst.convert_from_f32_slice(&src[h * hd..(h + 1) * hd]);
+                let src = &src[h * hd..(h + 1) * hd];
+                match &mut blocks[b] {
+                    // F16C when the CPU has it (half detects it at run time).
+                    KvBlock::F16(data) => data[o..o + hd].convert_from_f32_slice(src),
+                    KvBlock::Q8(q, d) => super::quant::quantize_q8_groups(
+                        src,
+                        &mut q[o..o + hd],
+                        &mut d[o / Q8_GROUP..(o + hd) / Q8_GROUP],
+                    ),
+                }
             }
         }
     }
@@ -238,7 +277,7 @@ impl KvCache {
         head: usize,
         is_v: bool,
         upto: usize,
-    ) -> impl Iterator<Item = &[f16]> + '_ {
+    ) -> impl Iterator<Item = KvRows<'_>> + '_ {
         let hd = self.shape.head_dim;
         let o = self.offset(layer, is_v as usize, head);
         self.host()
@@ -246,9 +285,28 @@ impl KvCache {
             .take(upto.div_ceil(BLOCK_LEN))
             .enumerate()
             .map(move |(b, blk)| {
-                let n = (upto - b * BLOCK_LEN).min(BLOCK_LEN);
-                &blk.data[o..o + n * hd]
+                let end = o + (upto - b * BLOCK_LEN).min(BLOCK_LEN) * hd;
+                match blk {
+                    KvBlock::F16(data) => KvRows::F16(&data[o..end]),
+                    KvBlock::Q8(q, d) => KvRows::Q8(&q[o..end], &d[o / Q8_GROUP..end / Q8_GROUP]),
+                }
             })
+    }
+}
+
+/// Consecutive K or V rows of one head, as a block stores them.
+pub enum KvRows<'a> {
+    F16(&'a [f16]),
+    /// Values and their scales (one per [`Q8_GROUP`] values).
+    Q8(&'a [i8], &'a [f32]),
+}
+
+impl KvRows<'_> {
+    pub fn values(&self) -> usize {
+        match self {
+            KvRows::F16(x) => x.len(),
+            KvRows::Q8(q, _) => q.len(),
+        }
     }
 }
 
@@ -276,6 +334,40 @@ impl KvCache {
         for layer in 0..self.shape.n_layers {
             for pos in start..start + n {
                 self.write(layer, pos, &row, &row);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_8bit_cache_keeps_each_value_within_half_a_step() {
+        let shape = KvShape {
+            n_layers: 2,
+            n_kv_heads: 2,
+            head_dim: 64,
+            format: KvFormat::Q8,
+        };
+        let mut c = KvCache::new(shape);
+        c.grow(40);
+        let k: Vec<f32> = (0..128)
+            .map(|i| ((i as f32) * 0.7).sin() * (1 + i % 5) as f32)
+            .collect();
+        let v: Vec<f32> = k.iter().map(|x| -x * 0.5).collect();
+        c.write(1, 37, &k, &v);
+        for (is_v, src) in [(false, &k), (true, &v)] {
+            let blk = c.rows(1, 1, is_v, 38).nth(1).expect("the second block");
+            let KvRows::Q8(q, d) = blk else {
+                panic!("an 8-bit block")
+            };
+            assert_eq!(q.len(), 6 * 64);
+            let (q, d) = (&q[5 * 64..], &d[5 * 2..]);
+            for (i, x) in src[64..].iter().enumerate() {
+                let step = d[i / 32];
+                assert!((q[i] as f32 * step - x).abs() <= step / 2.0 + 1e-6, "{i}");
             }
         }
     }

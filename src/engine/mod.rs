@@ -27,7 +27,7 @@ use std::path::Path;
 pub use config::{Architecture, ModelConfig};
 pub use device::{DeviceChoice, Placement};
 pub use generate::{FinishReason, SequenceState, StopCondition};
-pub use kv::KvCache;
+pub use kv::{KvCache, KvFormat};
 pub use model::{LoadOptions, Logits, Model, SeqInput};
 pub use sampler::{Sampler, SamplingParams};
 pub use template::{ChatMessage, ChatTemplate};
@@ -62,6 +62,8 @@ pub enum EngineError {
     DeviceUnavailable { device: String, why: String },
     #[error("the device failed: {0}")]
     Device(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 /// A loaded model with everything needed to chat with it.

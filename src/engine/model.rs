@@ -15,7 +15,7 @@ use super::config::{Architecture, ModelConfig};
 use super::cpu::CpuWeights;
 use super::device::Placement;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
-use super::kv::{BlockPool, KvCache, KvShape};
+use super::kv::{BlockPool, KvCache, KvFormat, KvShape};
 use super::matmul::SharedBytes;
 use super::quant::{dequantize_row, GgmlType};
 use super::EngineError;
@@ -222,6 +222,7 @@ pub struct Model {
     /// Float activations in every matmul instead of 8-bit ones (CPU backend; see
     /// [`super::matmul::QuantizedRows`]).
     pub precise: bool,
+    kv_format: KvFormat,
     backend: Backend,
 }
 
@@ -231,6 +232,8 @@ pub struct LoadOptions {
     pub placement: Placement,
     /// Bytes of KV blocks a device backend allocates up front (the scheduler's budget).
     pub kv_bytes: usize,
+    /// How the CPU backend stores KV caches (a device keeps f16).
+    pub kv_format: KvFormat,
 }
 
 impl Default for LoadOptions {
@@ -238,6 +241,7 @@ impl Default for LoadOptions {
         Self {
             placement: Placement::Cpu,
             kv_bytes: 1 << 30,
+            kv_format: KvFormat::F16,
         }
     }
 }
@@ -313,11 +317,34 @@ impl Model {
                     super::gpu::CandleModel::build(&cfg, &mut src, device, opts.kv_bytes)?,
                 )),
             };
-        Ok(Self {
+        let mut model = Self {
             cfg,
             precise: false,
+            kv_format: KvFormat::F16,
             backend,
-        })
+        };
+        model.set_kv_format(opts.kv_format)?;
+        Ok(model)
+    }
+
+    /// How new caches store K and V. 8-bit needs the CPU backend and a head size that is a
+    /// multiple of 32; caches made before keep their format (and no longer fit this model).
+    pub fn set_kv_format(&mut self, format: KvFormat) -> Result<(), EngineError> {
+        if format == KvFormat::Q8 {
+            if !matches!(self.backend, Backend::Cpu(_)) {
+                return Err(EngineError::Unsupported(
+                    "an 8-bit KV cache is for the CPU backend only".into(),
+                ));
+            }
+            if self.cfg.head_dim % super::kv::Q8_GROUP != 0 {
+                return Err(EngineError::Unsupported(format!(
+                    "an 8-bit KV cache needs a head size that is a multiple of 32 (this model: {})",
+                    self.cfg.head_dim
+                )));
+            }
+        }
+        self.kv_format = format;
+        Ok(())
     }
 
     /// Where the model runs, in words ("cpu", "cuda:0", …).
@@ -339,7 +366,10 @@ impl Model {
     }
 
     pub fn kv_shape(&self) -> KvShape {
-        KvShape::of(&self.cfg)
+        KvShape {
+            format: self.kv_format,
+            ..KvShape::of(&self.cfg)
+        }
     }
 
     /// An empty cache for this model, on its device.

@@ -116,41 +116,69 @@ fn quantize_row_q8_portable(x: &[f32], out: &mut [BlockQ8]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_row_q8_avx2(x: &[f32], out: &mut [BlockQ8]) {
+    for (chunk, blk) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let (d, sum) = q8_block_avx2(chunk.as_ptr(), blk.qs.as_mut_ptr());
+        blk.d = d;
+        blk.s = d * sum as f32;
+    }
+}
+
+/// Quantizes `x` to bytes `q` with one scale `d` per 32 values (no sums: the KV cache's
+/// layout), the same bytes as [`quantize_row_q8`] gives.
+pub fn quantize_q8_groups(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    assert!(x.len() == q.len() && x.len() == d.len() * 32);
+    #[cfg(target_arch = "x86_64")]
+    if crate::engine::simd::has_avx2() {
+        // SAFETY: features checked above; lengths checked by the assert.
+        unsafe {
+            for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
+                *d = q8_block_avx2(x.as_ptr(), q.as_mut_ptr()).0;
+            }
+        }
+        return;
+    }
+    let mut blk = [BlockQ8::default()];
+    for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
+        quantize_row_q8_portable(x, &mut blk);
+        q.copy_from_slice(&blk[0].qs);
+        *d = blk[0].d;
+    }
+}
+
+/// One block of 32 values at `p` into 32 bytes at `out`; returns the scale and the bytes' sum.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q8_block_avx2(p: *const f32, out: *mut i8) -> (f32, i32) {
     use std::arch::x86_64::*;
     let abs_mask = _mm256_set1_ps(-0.0);
-    // After two packs the dwords of each lane are interleaved; this puts them back in order.
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (chunk, blk) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let p = chunk.as_ptr();
-        let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
-        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| {
-            _mm256_max_ps(m, _mm256_andnot_ps(abs_mask, v))
-        });
-        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-        let d = amax / 127.0;
-        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        let q = v.map(|v| {
-            let r = _mm256_round_ps(
-                _mm256_mul_ps(v, id),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-            );
-            _mm256_cvtps_epi32(r)
-        });
-        let packed = _mm256_packs_epi16(
-            _mm256_packs_epi32(q[0], q[1]),
-            _mm256_packs_epi32(q[2], q[3]),
+    let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+    let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| {
+        _mm256_max_ps(m, _mm256_andnot_ps(abs_mask, v))
+    });
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let q = v.map(|v| {
+        let r = _mm256_round_ps(
+            _mm256_mul_ps(v, id),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
         );
-        let packed = _mm256_permutevar8x32_epi32(packed, order);
-        _mm256_storeu_si256(blk.qs.as_mut_ptr() as *mut __m256i, packed);
-        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
-        let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b10_11_00_01));
-        blk.d = d;
-        blk.s = d * _mm_cvtsi128_si32(s4) as f32;
-    }
+        _mm256_cvtps_epi32(r)
+    });
+    let packed = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    // After two packs the dwords of each lane are interleaved; this puts them back in order.
+    let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(out as *mut __m256i, packed);
+    let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+    let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b10_11_00_01));
+    (d, _mm_cvtsi128_si32(s4))
 }
 
 /// The f16 at byte `i` of `b`, through a table: the software conversion is too slow for the

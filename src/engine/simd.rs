@@ -139,6 +139,99 @@ fn weighted_sum_f16_portable(
     }
 }
 
+/// [`scores_f16`] over 8-bit keys: `k_p ≈ d·q` with one scale `kd` per 32 values.
+pub fn scores_q8(
+    (kq, kd): (&[i8], &[f32]),
+    q: &[f32],
+    (g, hd): (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let n = kq.len() / hd;
+    assert!(hd % 32 == 0 && kd.len() * 32 >= kq.len());
+    assert!(q.len() >= g * hd && (g == 0 || (g - 1) * stride + n <= out.len()));
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked above; shapes checked by the asserts above.
+        unsafe {
+            return match g {
+                1 => x86::scores_q8::<1, 4>(kq, kd, q, hd, scale, out, stride),
+                2 => x86::scores_q8::<2, 4>(kq, kd, q, hd, scale, out, stride),
+                3 => x86::scores_q8::<3, 2>(kq, kd, q, hd, scale, out, stride),
+                4 => x86::scores_q8::<4, 2>(kq, kd, q, hd, scale, out, stride),
+                _ => scores_q8_portable((kq, kd), q, (g, hd), scale, out, stride),
+            };
+        }
+    }
+    scores_q8_portable((kq, kd), q, (g, hd), scale, out, stride)
+}
+
+fn scores_q8_portable(
+    (kq, kd): (&[i8], &[f32]),
+    q: &[f32],
+    (g, hd): (usize, usize),
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
+    for h in 0..g {
+        let qh = &q[h * hd..(h + 1) * hd];
+        for p in 0..kq.len() / hd {
+            let k = &kq[p * hd..(p + 1) * hd];
+            let s: f32 = (k.chunks_exact(32).zip(qh.chunks_exact(32)))
+                .zip(&kd[p * hd / 32..])
+                .map(|((k, q), d)| d * k.iter().zip(q).map(|(&k, q)| k as f32 * q).sum::<f32>())
+                .sum();
+            out[h * stride + p] = scale * s;
+        }
+    }
+}
+
+/// [`weighted_sum_f16`] over 8-bit values: `v_p ≈ d·q` with one scale `vd` per 32 values.
+pub fn weighted_sum_q8(
+    (vq, vd): (&[i8], &[f32]),
+    w: &[f32],
+    (g, hd): (usize, usize),
+    stride: usize,
+    out: &mut [f32],
+) {
+    let n = vq.len() / hd;
+    assert!(hd % 32 == 0 && vd.len() * 32 >= vq.len());
+    assert!(out.len() >= g * hd && (g == 0 || (g - 1) * stride + n <= w.len()));
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked above; shapes checked by the asserts above.
+        unsafe {
+            return match g {
+                1 => x86::weighted_sum_q8::<1, 4>(vq, vd, w, hd, stride, out),
+                2 => x86::weighted_sum_q8::<2, 4>(vq, vd, w, hd, stride, out),
+                3 => x86::weighted_sum_q8::<3, 2>(vq, vd, w, hd, stride, out),
+                4 => x86::weighted_sum_q8::<4, 2>(vq, vd, w, hd, stride, out),
+                _ => weighted_sum_q8_portable((vq, vd), w, (g, hd), stride, out),
+            };
+        }
+    }
+    weighted_sum_q8_portable((vq, vd), w, (g, hd), stride, out)
+}
+
+fn weighted_sum_q8_portable(
+    (vq, vd): (&[i8], &[f32]),
+    w: &[f32],
+    (g, hd): (usize, usize),
+    stride: usize,
+    out: &mut [f32],
+) {
+    for h in 0..g {
+        for p in 0..vq.len() / hd {
+            let wp = w[h * stride + p];
+            for (i, o) in out[h * hd..(h + 1) * hd].iter_mut().enumerate() {
+                *o += wp * vd[(p * hd + i) / 32] * vq[p * hd + i] as f32;
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -213,6 +306,90 @@ mod x86 {
                     let wv = _mm256_set1_ps(*wp.add(h * stride + p));
                     for c in 0..C {
                         acc[c] = _mm256_fmadd_ps(vv[c], wv, acc[c]);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (c, a) in acc.iter().enumerate() {
+                    let o = op.add(h * hd + (c0 + c) * 8);
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *a));
+                }
+            }
+        }
+    }
+
+    /// Eight signed bytes at `p` as floats.
+    #[inline(always)]
+    unsafe fn load_i8x8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+
+    /// As [`scores_f16`], each key's eight values scaled by their group's `kd` as they load.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_q8<const G: usize, const P: usize>(
+        kq: &[i8],
+        kd: &[f32],
+        q: &[f32],
+        hd: usize,
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let n = kq.len() / hd;
+        let (chunks, groups) = (hd / 8, hd / 32);
+        let (kp, qp, op) = (kq.as_ptr(), q.as_ptr(), out.as_mut_ptr());
+        let mut p = 0;
+        while p < n {
+            let m = P.min(n - p);
+            let mut acc = [[_mm256_setzero_ps(); P]; G];
+            for c in 0..chunks {
+                let mut kv = [_mm256_setzero_ps(); P];
+                for (j, kv) in kv.iter_mut().enumerate().take(m) {
+                    let d = _mm256_set1_ps(*kd.get_unchecked((p + j) * groups + c / 4));
+                    *kv = _mm256_mul_ps(load_i8x8(kp.add((p + j) * hd + c * 8)), d);
+                }
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let qv = _mm256_loadu_ps(qp.add(h * hd + c * 8));
+                    for (a, kv) in acc.iter_mut().zip(&kv) {
+                        *a = _mm256_fmadd_ps(*kv, qv, *a);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (j, a) in acc.iter().enumerate().take(m) {
+                    *op.add(h * stride + p + j) = scale * hsum(*a);
+                }
+            }
+            p += m;
+        }
+    }
+
+    /// As [`weighted_sum_f16`]; a pass of `C` ≤ 4 eights stays in one scale group, so each
+    /// position's weight is scaled once per head.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum_q8<const G: usize, const C: usize>(
+        vq: &[i8],
+        vd: &[f32],
+        w: &[f32],
+        hd: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let n = vq.len() / hd;
+        let (chunks, groups) = (hd / 8, hd / 32);
+        let (vp, wp, op) = (vq.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+        for c0 in (0..chunks).step_by(C) {
+            let mut acc = [[_mm256_setzero_ps(); C]; G];
+            for p in 0..n {
+                let mut vv = [_mm256_setzero_ps(); C];
+                for (c, vv) in vv.iter_mut().enumerate() {
+                    *vv = load_i8x8(vp.add(p * hd + (c0 + c) * 8));
+                }
+                let d = *vd.get_unchecked(p * groups + c0 / 4);
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_set1_ps(*wp.add(h * stride + p) * d);
+                    for (a, vv) in acc.iter_mut().zip(&vv) {
+                        *a = _mm256_fmadd_ps(*vv, wv, *a);
                     }
                 }
             }
@@ -330,6 +507,43 @@ mod tests {
             weighted_sum_f16_portable(&k, &slow, (g, hd), stride, &mut slow_out);
             for (a, b) in fast_out.iter().zip(&slow_out) {
                 assert!((a - b).abs() < 1e-3, "sums g={g} hd={hd} n={n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn q8_attention_kernels_match_the_portable_ones() {
+        for (g, hd, n) in [
+            (1, 64, 7),
+            (2, 64, 32),
+            (3, 64, 33),
+            (4, 128, 5),
+            (5, 32, 9),
+        ] {
+            let stride = n + 3;
+            let kq: Vec<i8> = (0..n * hd)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
+            let kd: Vec<f32> = (0..n * hd / 32).map(|i| 0.01 + i as f32 * 0.003).collect();
+            let q: Vec<f32> = (0..g * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (mut fast, mut slow) = (vec![0f32; g * stride], vec![0f32; g * stride]);
+            scores_q8((&kq, &kd), &q, (g, hd), 0.125, &mut fast, stride);
+            scores_q8_portable((&kq, &kd), &q, (g, hd), 0.125, &mut slow, stride);
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!(
+                    (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                    "scores g={g} hd={hd} n={n}: {a} vs {b}"
+                );
+            }
+            assert!(fast.iter().any(|&x| x != 0.0));
+            let (mut fast_out, mut slow_out) = (vec![1f32; g * hd], vec![1f32; g * hd]);
+            weighted_sum_q8((&kq, &kd), &fast, (g, hd), stride, &mut fast_out);
+            weighted_sum_q8_portable((&kq, &kd), &slow, (g, hd), stride, &mut slow_out);
+            for (a, b) in fast_out.iter().zip(&slow_out) {
+                assert!(
+                    (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                    "sums g={g} hd={hd} n={n}: {a} vs {b}"
+                );
             }
         }
     }
