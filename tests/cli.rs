@@ -129,10 +129,19 @@ fn perplexity_of_plain_english_is_sane() {
     assert!(ppl > 1.0 && ppl < 3.0, "perplexity {ppl}");
     assert!(p["tokens"].as_u64().unwrap() > 0);
     // The same with 8-bit keys and values: close, and not the same computation.
-    let args = ["perplexity", "--file", file.to_str().unwrap(), "--ctx", "128"];
+    let args = [
+        "perplexity",
+        "--file",
+        file.to_str().unwrap(),
+        "--ctx",
+        "128",
+    ];
     let q8 = last_json(&smolchat(&[&["--kv-cache", "q8"], &args[..]].concat()));
     let ppl8 = q8["perplexity"].as_f64().unwrap();
-    assert!(ppl8 != ppl && (ppl8 / ppl - 1.0).abs() < 0.05, "{ppl8} vs {ppl}");
+    assert!(
+        ppl8 != ppl && (ppl8 / ppl - 1.0).abs() < 0.05,
+        "{ppl8} vs {ppl}"
+    );
     let bad = smolchat(&[&["--kv-cache", "q4"], &args[..]].concat());
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values: f16, q8"));
