@@ -11,7 +11,7 @@ use ractor::{call, Actor, ActorRef};
 use smolchat::actors::{
     GenerationJob, JobDone, JobError, JobEvent, ModelActor, ModelMsg, ModelStatus, SchedulerConfig,
 };
-use smolchat::engine::{ChatMessage, Engine, FinishReason, SamplingParams};
+use smolchat::engine::{ChatMessage, Engine, FinishReason, KvFormat, SamplingParams};
 use tokio::sync::mpsc;
 
 fn engine() -> Arc<Engine> {
@@ -20,8 +20,23 @@ fn engine() -> Arc<Engine> {
         .clone()
 }
 
+/// The default model with 8-bit K and V.
+fn engine_q8() -> Arc<Engine> {
+    static E: std::sync::OnceLock<Arc<Engine>> = std::sync::OnceLock::new();
+    E.get_or_init(|| {
+        let mut e = Engine::load(&common::default_model_path()).unwrap();
+        e.model.set_kv_format(KvFormat::Q8).unwrap();
+        Arc::new(e)
+    })
+    .clone()
+}
+
 async fn start(config: SchedulerConfig) -> ActorRef<ModelMsg> {
-    let (actor, _) = Actor::spawn(None, ModelActor, (engine(), config))
+    start_on(engine(), config).await
+}
+
+async fn start_on(engine: Arc<Engine>, config: SchedulerConfig) -> ActorRef<ModelMsg> {
+    let (actor, _) = Actor::spawn(None, ModelActor, (engine, config))
         .await
         .expect("spawn");
     actor
@@ -99,10 +114,22 @@ fn prompts16() -> Vec<Vec<u32>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_jobs_joining_mid_flight_get_the_tokens_they_get_alone() {
-    let actor = start(SchedulerConfig {
-        step_tokens: 64,
-        ..SchedulerConfig::cpu()
-    })
+    sixteen_jobs_on(engine()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_8bit_kv_cache_too() {
+    sixteen_jobs_on(engine_q8()).await;
+}
+
+async fn sixteen_jobs_on(engine: Arc<Engine>) {
+    let actor = start_on(
+        engine,
+        SchedulerConfig {
+            step_tokens: 64,
+            ..SchedulerConfig::cpu()
+        },
+    )
     .await;
     let prompts = prompts16();
     let mut reference = Vec::new();
