@@ -41,6 +41,7 @@ function connect() {
   status("connecting…");
   ws.onopen = () => {
     state.backoff = 500;
+    state.reopening = false;
     status("connected");
     if (state.current) send({ type: "open", conversation_id: state.current });
   };
@@ -70,6 +71,7 @@ function handle(ev) {
       break;
     case "snapshot":
       if (ev.conversation.id !== state.current) break;
+      state.reopening = false;
       state.conversation = ev.conversation;
       state.messages = ev.messages;
       state.siblings = ev.siblings || {};
@@ -94,7 +96,7 @@ function handle(ev) {
       // another version now (a regenerate or an edit), so the shown branch ends at the parent.
       const at = m.parent_id ? state.messages.findIndex((x) => x.id === m.parent_id) : -1;
       if (m.parent_id && at < 0) {
-        send({ type: "open", conversation_id: state.current }); // out of step: start afresh
+        reopen(); // out of step: start afresh
         break;
       }
       state.messages.splice(at + 1, Infinity, m);
@@ -118,16 +120,22 @@ function handle(ev) {
     }
     case "message_done": {
       if (!mine) break;
+      refreshList();
       const i = state.messages.findIndex((x) => x.id === ev.message.id);
       if (i < 0) break;
-      state.messages[i] = { ...ev.message, thoughtSeconds: state.messages[i].thoughtSeconds };
-      renderMessage(state.messages[i]);
+      const m = (state.messages[i] = { ...ev.message, thoughtSeconds: state.messages[i].thoughtSeconds });
+      // Finished in place, like the streaming: an opened reasoning block or a selection stays.
+      const li = messageNode(m.id);
+      if (li) keepingScroll(() => {
+        li.className = messageClass(m);
+        patchStreaming(li, m);
+        li.querySelector(".meta").replaceWith(metaElement(m));
+      });
       showControls();
-      refreshList();
       break;
     }
     case "branch_changed":
-      if (mine) send({ type: "open", conversation_id: state.current });
+      if (mine) reopen();
       break;
     case "busy":
       if (mine) notice(`The server is busy: ${ev.queue_len} ahead of you. Try again in a moment.`, true);
@@ -145,12 +153,18 @@ function handle(ev) {
       break;
     case "error":
       if (ev.code === "subscription_ended" && ev.conversation_id === state.current) {
-        send({ type: "open", conversation_id: state.current });
+        reopen();
         break;
       }
+      if (ev.conversation_id === state.current) state.reopening = false;
       if (mine) notice(friendly[ev.code] || ev.message, true);
       break;
   }
+}
+
+// Asks for a fresh snapshot of the open conversation, once until it comes.
+function reopen() {
+  if (!state.reopening) state.reopening = send({ type: "open", conversation_id: state.current });
 }
 
 function secondsSince(id) {
@@ -181,11 +195,6 @@ function keepingScroll(change) {
 
 function messageNode(id) { return $("messages").querySelector(`li.msg[data-id="${id}"]`); }
 
-function renderMessage(m) {
-  const old = messageNode(m.id);
-  if (old) keepingScroll(() => old.replaceWith(messageElement(m)));
-}
-
 // Deltas arrive faster than a screen refreshes: the streaming message is redrawn at most once
 // a frame, in place (its element stays, so a selection or an opened reasoning block stays too).
 const patches = new Set();
@@ -194,12 +203,13 @@ function schedulePatch(id) {
   patches.add(id);
 }
 function flushPatches() {
-  for (const id of patches) {
+  const ids = [...patches];
+  patches.clear();
+  for (const id of ids) {
     const m = state.messages.find((x) => x.id === id);
     const li = messageNode(id);
     if (m && li) keepingScroll(() => patchStreaming(li, m));
   }
-  patches.clear();
 }
 function patchStreaming(li, m) {
   if (m.reasoning) {
@@ -228,13 +238,20 @@ function markdown(text) {
   return div;
 }
 
+function messageClass(m) { return `msg ${m.role} ${m.status}`; }
+
 function messageElement(m) {
   const li = document.createElement("li");
-  li.className = `msg ${m.role} ${m.status}`;
+  li.className = messageClass(m);
   li.dataset.id = m.id;
-  const streaming = m.status === "streaming";
   if (m.role === "assistant" && m.reasoning) li.append(reasoningElement(m));
-  li.append(bodyElement(m));
+  li.append(bodyElement(m), metaElement(m));
+  return li;
+}
+
+// Versions, figures and actions under a message.
+function metaElement(m) {
+  const streaming = m.status === "streaming";
   const meta = document.createElement("div");
   meta.className = "meta";
   const sibs = state.siblings[m.id];
@@ -267,8 +284,7 @@ function messageElement(m) {
       if (text && text.trim()) send({ type: "edit", conversation_id: state.current, message_id: m.id, content: text });
     }));
   }
-  li.append(meta);
-  return li;
+  return meta;
 }
 
 function bodyElement(m) {
@@ -326,6 +342,7 @@ function openConversation(id) {
   if (state.current && state.current !== id) send({ type: "close", conversation_id: state.current });
   state.current = id;
   state.messages = [];
+  state.reopening = false;
   history.replaceState(null, "", id ? `#${id}` : "#");
   notice("");
   document.body.classList.remove("show-sidebar");

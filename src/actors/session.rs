@@ -385,7 +385,15 @@ impl SessionState {
                 MessageStatus::Complete,
             )
             .await?;
-        let siblings = s.store.children(s.owner, s.conversation, parent).await?;
+        // The message is stored: a failed look-up of its versions only shortens the list shown.
+        let siblings = s
+            .store
+            .children(s.owner, s.conversation, parent)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "listing a message's versions failed");
+                vec![user.id]
+            });
         self.broadcast(SessionEvent::UserMessage {
             message: user.clone(),
             siblings,
@@ -539,10 +547,15 @@ impl SessionState {
             last_checkpoint: Instant::now(),
             stopped: false,
         });
+        // The job runs and `active` is set: failing here would leave the answer unowned.
         let siblings = s
             .store
             .children(s.owner, s.conversation, Some(user))
-            .await?;
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "listing an answer's versions failed");
+                vec![message.id]
+            });
         self.broadcast(SessionEvent::MessageStarted { message, siblings });
         let me = myself.clone();
         tokio::spawn(async move {

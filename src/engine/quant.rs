@@ -102,14 +102,27 @@ fn quantize_row_q8_portable(x: &[f32], out: &mut [BlockQ8]) {
     for (chunk, blk) in x.chunks_exact(32).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let id = q8_inverse(d);
         let mut sum = 0i32;
         for (q, &v) in blk.qs.iter_mut().zip(chunk) {
+            // (`as` takes NaN to 0, as the AVX2 path does.)
             *q = ((v * id).round_ties_even() as i32).clamp(-127, 127) as i8;
             sum += *q as i32;
         }
         blk.d = d;
         blk.s = d * sum as f32;
+    }
+}
+
+/// `1/d`, or 0 where that is not a finite number (an all-zero block, a subnormal scale or an
+/// infinite one): both paths then give the same bytes on any input.
+#[inline]
+fn q8_inverse(d: f32) -> f32 {
+    let id = 1.0 / d;
+    if d > 0.0 && id.is_finite() {
+        id
+    } else {
+        0.0
     }
 }
 
@@ -130,18 +143,21 @@ pub fn quantize_q8_groups(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::engine::simd::has_avx2() {
         // SAFETY: features checked above; lengths checked by the assert.
-        unsafe {
-            for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
-                *d = q8_block_avx2(x.as_ptr(), q.as_mut_ptr()).0;
-            }
-        }
-        return;
+        return unsafe { quantize_q8_groups_avx2(x, q, d) };
     }
     let mut blk = [BlockQ8::default()];
     for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
         quantize_row_q8_portable(x, &mut blk);
         q.copy_from_slice(&blk[0].qs);
         *d = blk[0].d;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_q8_groups_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
+        *d = q8_block_avx2(x.as_ptr(), q.as_mut_ptr()).0;
     }
 }
 
@@ -159,13 +175,16 @@ unsafe fn q8_block_avx2(p: *const f32, out: *mut i8) -> (f32, i32) {
     let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
     let d = amax / 127.0;
-    let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let id = _mm256_set1_ps(q8_inverse(d));
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
     let q = v.map(|v| {
         let r = _mm256_round_ps(
             _mm256_mul_ps(v, id),
             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
         );
-        _mm256_cvtps_epi32(r)
+        // NaN to 0 and the rest within ±127, as the portable path's `as` and `clamp` do.
+        let r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
     });
     let packed = _mm256_packs_epi16(
         _mm256_packs_epi32(q[0], q[1]),
@@ -387,23 +406,37 @@ mod tests {
 
     #[test]
     fn q8_simd_and_portable_give_the_same_bytes() {
-        // Ties (x·127/amax exactly k + 0.5), zeros, negatives and a block of all zeros.
-        let mut x: Vec<f32> = (0..96).map(|i| ((i as f32) * 0.61).sin() * 5.0).collect();
+        // Ties (x·127/amax exactly k + 0.5), zeros, negatives, a block of all zeros, one of
+        // subnormals (whose scale has no finite inverse) and one with an infinity.
+        let mut x: Vec<f32> = (0..160).map(|i| ((i as f32) * 0.61).sin() * 5.0).collect();
         x[0] = 127.0;
         for (i, v) in x[1..32].iter_mut().enumerate() {
             *v = (i as f32 - 15.0) + 0.5;
         }
-        x[64..].fill(0.0);
-        let mut a = vec![BlockQ8::default(); 3];
-        let mut b = vec![BlockQ8::default(); 3];
+        x[64..96].fill(0.0);
+        x[96..128].fill(1e-40);
+        x[100] = -3e-40;
+        x[130] = f32::INFINITY;
+        let mut a = vec![BlockQ8::default(); 5];
+        let mut b = vec![BlockQ8::default(); 5];
         quantize_row_q8(&x, &mut a);
         quantize_row_q8_portable(&x, &mut b);
+        let bits = |k: &BlockQ8| (k.qs, k.d.to_bits(), k.s.to_bits());
         for (a, b) in a.iter().zip(&b) {
-            assert_eq!((a.qs, a.d, a.s), (b.qs, b.d, b.s));
+            assert_eq!(bits(a), bits(b));
         }
         assert_eq!(a[0].qs[1], -14, "-14.5 rounds to even");
         assert_eq!(a[0].qs[2], -14, "-13.5 rounds to even");
         assert_eq!(a[2].qs, [0; 32]);
+        assert!(a[3].qs.iter().all(|&q| q == 0), "no finite inverse: zeros");
+
+        // The KV cache's layout gives the same bytes and scales, whichever path runs.
+        let (mut q, mut d) = (vec![0i8; 160], vec![0f32; 5]);
+        quantize_q8_groups(&x, &mut q, &mut d);
+        for (k, blk) in b.iter().enumerate() {
+            assert_eq!(q[k * 32..(k + 1) * 32], blk.qs);
+            assert_eq!(d[k].to_bits(), blk.d.to_bits());
+        }
     }
 
     #[test]

@@ -16,6 +16,20 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// Whether `g` rows of `n` values, `stride` apart, fit in `len` (without overflowing).
+fn rows_fit(g: usize, n: usize, stride: usize, len: usize) -> bool {
+    g == 0
+        || (g - 1)
+            .checked_mul(stride)
+            .and_then(|x| x.checked_add(n))
+            .is_some_and(|end| end <= len)
+}
+
+/// Whether `a·b ≤ len` (without overflowing).
+fn fits(a: usize, b: usize, len: usize) -> bool {
+    a.checked_mul(b).is_some_and(|x| x <= len)
+}
+
 /// Σ a·b
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -60,7 +74,7 @@ pub fn scores_f16(
     stride: usize,
 ) {
     let n = k.len() / hd;
-    assert!(q.len() >= g * hd && (g == 0 || (g - 1) * stride + n <= out.len()));
+    assert!(fits(g, hd, q.len()) && rows_fit(g, n, stride, out.len()));
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && hd % 8 == 0 {
         // SAFETY: features checked above; shapes checked by the assert above.
@@ -103,17 +117,29 @@ pub fn weighted_sum_f16(
     out: &mut [f32],
 ) {
     let n = v.len() / hd;
-    assert!(out.len() >= g * hd && (g == 0 || (g - 1) * stride + n <= w.len()));
+    assert!(fits(g, hd, out.len()) && rows_fit(g, n, stride, w.len()));
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd % 32 == 0 {
-        // SAFETY: features checked above; shapes checked by the assert above.
-        // Columns per pass (in eights): enough independent sums for both FMA units.
+    if has_avx2() && hd % 8 == 0 {
+        // Columns per pass (in eights, dividing the row): enough independent sums for both
+        // FMA units.
+        let c = [4, 2, 1]
+            .into_iter()
+            .find(|c| hd % (8 * c) == 0)
+            .unwrap_or(1);
+        // SAFETY: features checked above; shapes checked by the assert above; `C` divides
+        // the row's eights.
         unsafe {
-            return match g {
-                1 => x86::weighted_sum_f16::<1, 4>(v, w, hd, stride, out),
-                2 => x86::weighted_sum_f16::<2, 4>(v, w, hd, stride, out),
-                3 => x86::weighted_sum_f16::<3, 2>(v, w, hd, stride, out),
-                4 => x86::weighted_sum_f16::<4, 2>(v, w, hd, stride, out),
+            return match (g, c) {
+                (1, 4) => x86::weighted_sum_f16::<1, 4>(v, w, hd, stride, out),
+                (1, 2) => x86::weighted_sum_f16::<1, 2>(v, w, hd, stride, out),
+                (1, _) => x86::weighted_sum_f16::<1, 1>(v, w, hd, stride, out),
+                (2, 4) => x86::weighted_sum_f16::<2, 4>(v, w, hd, stride, out),
+                (2, 2) => x86::weighted_sum_f16::<2, 2>(v, w, hd, stride, out),
+                (2, _) => x86::weighted_sum_f16::<2, 1>(v, w, hd, stride, out),
+                (3, 2 | 4) => x86::weighted_sum_f16::<3, 2>(v, w, hd, stride, out),
+                (3, _) => x86::weighted_sum_f16::<3, 1>(v, w, hd, stride, out),
+                (4, 2 | 4) => x86::weighted_sum_f16::<4, 2>(v, w, hd, stride, out),
+                (4, _) => x86::weighted_sum_f16::<4, 1>(v, w, hd, stride, out),
                 _ => weighted_sum_f16_portable(v, w, (g, hd), stride, out),
             };
         }
@@ -149,8 +175,8 @@ pub fn scores_q8(
     stride: usize,
 ) {
     let n = kq.len() / hd;
-    assert!(hd % 32 == 0 && kd.len() * 32 >= kq.len());
-    assert!(q.len() >= g * hd && (g == 0 || (g - 1) * stride + n <= out.len()));
+    assert!(hd % 32 == 0 && kd.len() >= kq.len() / 32);
+    assert!(fits(g, hd, q.len()) && rows_fit(g, n, stride, out.len()));
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: features checked above; shapes checked by the asserts above.
@@ -197,8 +223,8 @@ pub fn weighted_sum_q8(
     out: &mut [f32],
 ) {
     let n = vq.len() / hd;
-    assert!(hd % 32 == 0 && vd.len() * 32 >= vq.len());
-    assert!(out.len() >= g * hd && (g == 0 || (g - 1) * stride + n <= w.len()));
+    assert!(hd % 32 == 0 && vd.len() >= vq.len() / 32);
+    assert!(fits(g, hd, out.len()) && rows_fit(g, n, stride, w.len()));
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: features checked above; shapes checked by the asserts above.
@@ -480,11 +506,17 @@ mod tests {
 
     #[test]
     fn attention_kernels_match_the_portable_ones() {
+        // Every kernel shape (rows of 8, 16 and 32+ values for each group size) and the
+        // portable fallback (g = 5).
         for (g, hd, n) in [
             (1, 64, 7),
+            (1, 40, 5),
             (2, 64, 32),
+            (2, 48, 3),
             (3, 64, 33),
+            (3, 24, 4),
             (4, 128, 5),
+            (4, 32, 2),
             (5, 64, 9),
         ] {
             let stride = n + 3;
@@ -515,9 +547,13 @@ mod tests {
     fn q8_attention_kernels_match_the_portable_ones() {
         for (g, hd, n) in [
             (1, 64, 7),
+            (1, 32, 3),
             (2, 64, 32),
+            (2, 32, 1),
             (3, 64, 33),
+            (3, 32, 6),
             (4, 128, 5),
+            (4, 32, 9),
             (5, 32, 9),
         ] {
             let stride = n + 3;
