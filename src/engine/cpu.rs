@@ -116,9 +116,7 @@ impl CpuWeights {
                 &[&layer.w_gate, &layer.w_up],
                 &mut [&mut gate, &mut up],
             );
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            simd::silu_mul(&mut gate, &up);
             matmul(
                 &QuantizedRows::new(&gate, cfg.intermediate, precise),
                 &layer.w_down,
@@ -229,7 +227,7 @@ fn attention(
                 p0 += blk.values() / hd;
             }
             for h in 0..group {
-                softmax(&mut scores[h * upto..(h + 1) * upto]);
+                simd::softmax(&mut scores[h * upto..(h + 1) * upto]);
             }
             let dst = &mut res[(i - i0) * group * hd..(i - i0 + 1) * group * hd];
             let mut p0 = 0;
@@ -265,19 +263,6 @@ fn attention(
             out[(r0 + i0 + i) * nh * hd + kvh * group * hd..][..group * hd]
                 .copy_from_slice(&res[i * group * hd..(i + 1) * group * hd]);
         }
-    }
-}
-
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
     }
 }
 

@@ -79,79 +79,239 @@ pub fn interleave(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<u8
     out
 }
 
-/// `out[a][0..8] = Σ` over the 8 rows of group data `w` (all blocks) against activation rows
-/// `rows[a]`. Each activation row's arithmetic is independent of how many are passed.
+/// A kernel over one group: `out[a][0..8] = Σ` over the 8 rows of group data `w` (all blocks)
+/// against activation rows `rows[a]`. Each activation row's arithmetic is independent of how
+/// many are passed.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `w` must hold `rows[a].len()` interleaved blocks.
+/// The CPU must support the features the kernel was chosen for (see [`kernel`]); `w` must hold
+/// `rows[a].len()` interleaved blocks of the kernel's type.
+pub type GroupKernel = unsafe fn(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]);
+
+/// The fastest kernel this CPU runs for interleaved `ty` weights (`None` without AVX2).
+/// With VNNI (AVX-VNNI or AVX512-VNNI) one `vpdpbusd` does the work of a `vpmaddubsw`, a
+/// `vpmaddwd` and an add; the sums are the same integers either way.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_group(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
-    use std::arch::x86_64::*;
-    let nb = rows[0].len();
-    debug_assert!(w.len() >= nb * GROUP_BLOCK);
-    let mask = _mm256_set1_epi8(0xF);
-    let ones = _mm256_set1_epi16(1);
-    for (a, row) in rows.iter().enumerate() {
-        let mut acc = _mm256_setzero_ps();
-        let mut macc = _mm256_setzero_ps();
-        let mut p = w.as_ptr();
-        for x in row.iter() {
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-            let xq = x.qs.as_ptr() as *const i32;
-            let mut sum = _mm256_setzero_si256();
-            for v in 0..4 {
-                let raw = _mm256_loadu_si256(p.add(32 + 32 * v) as *const __m256i);
-                let lo = _mm256_and_si256(raw, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                let xl = _mm256_set1_epi32(xq.add(v).read_unaligned());
-                let xh = _mm256_set1_epi32(xq.add(4 + v).read_unaligned());
-                // Each i16 lane is at most 2·15·127; eight of them stay below 2^15.
-                sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(lo, xl));
-                sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(hi, xh));
-            }
-            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
-            acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(x.d)), acc);
-            macc = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s), macc);
-            p = p.add(GROUP_BLOCK);
-        }
-        _mm256_storeu_ps(out[a].as_mut_ptr(), _mm256_add_ps(acc, macc));
+pub fn kernel(ty: GgmlType) -> Option<GroupKernel> {
+    use std::arch::is_x86_feature_detected as has;
+    if !super::simd::has_avx2() {
+        return None;
     }
+    let q8 = ty == GgmlType::Q8_0;
+    Some(if has!("avxvnni") {
+        if q8 {
+            vnni::dot_group_q8_0
+        } else {
+            vnni::dot_group
+        }
+    } else if has!("avx512vnni") && has!("avx512vl") {
+        if q8 {
+            vnni512::dot_group_q8_0
+        } else {
+            vnni512::dot_group
+        }
+    } else if q8 {
+        avx2::dot_group_q8_0
+    } else {
+        avx2::dot_group
+    })
 }
 
-/// The Q8_0 twin of [`dot_group`]: signed weights, so products go through `sign` and are widened
-/// to 32 bits at every step (two of them would overflow 16 bits).
-///
-/// # Safety
-/// As for [`dot_group`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_group_q8_0(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
-    use std::arch::x86_64::*;
-    let nb = rows[0].len();
-    debug_assert!(w.len() >= nb * GROUP_BLOCK_Q8);
-    let ones = _mm256_set1_epi16(1);
-    for (a, row) in rows.iter().enumerate() {
-        let mut acc = _mm256_setzero_ps();
-        let mut p = w.as_ptr();
-        for x in row.iter() {
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let xq = x.qs.as_ptr() as *const i32;
-            let mut sum = _mm256_setzero_si256();
-            for v in 0..8 {
-                let q = _mm256_loadu_si256(p.add(16 + 32 * v) as *const __m256i);
-                let xb = _mm256_set1_epi32(xq.add(v).read_unaligned());
-                let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xb, q));
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p16, ones));
+/// The kernels of each instruction set, from one body. `$acc` adds the dot products of 4
+/// unsigned by 4 signed bytes to 32-bit lanes; `$acc16`/`$wide` do the same for Q4 nibbles,
+/// whose sums may gather in 16 bits first and widen once per block.
+macro_rules! group_kernels {
+    (
+        $module:ident, $features:literal,
+        acc($a:ident, $u:ident, $s:ident) = $acc:expr,
+        acc16($a16:ident, $u16:ident, $s16:ident) = $acc16:expr,
+        wide($w:ident) = $wide:expr
+    ) => {
+        #[cfg(target_arch = "x86_64")]
+        pub mod $module {
+            use std::arch::x86_64::*;
+
+            use super::{BlockQ8, GROUP_BLOCK, GROUP_BLOCK_Q8};
+
+            /// Q4_0/Q4_1: see [`super::GroupKernel`].
+            ///
+            /// # Safety
+            /// As for [`super::GroupKernel`].
+            #[target_feature(enable = $features)]
+            pub unsafe fn dot_group(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
+                let nb = rows[0].len();
+                debug_assert!(w.len() >= nb * GROUP_BLOCK);
+                let mask = _mm256_set1_epi8(0xF);
+                for (a, row) in rows.iter().enumerate() {
+                    let mut acc = _mm256_setzero_ps();
+                    let mut macc = _mm256_setzero_ps();
+                    let mut p = w.as_ptr();
+                    for x in row.iter() {
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+                        let xq = x.qs.as_ptr() as *const i32;
+                        let mut sum = _mm256_setzero_si256();
+                        for v in 0..4 {
+                            let raw = _mm256_loadu_si256(p.add(32 + 32 * v) as *const __m256i);
+                            let lo = _mm256_and_si256(raw, mask);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                            let xl = _mm256_set1_epi32(xq.add(v).read_unaligned());
+                            let xh = _mm256_set1_epi32(xq.add(4 + v).read_unaligned());
+                            // In 16 bits each lane is at most 2·15·127; eight stay below 2^15.
+                            sum = {
+                                let ($a16, $u16, $s16) = (sum, lo, xl);
+                                $acc16
+                            };
+                            sum = {
+                                let ($a16, $u16, $s16) = (sum, hi, xh);
+                                $acc16
+                            };
+                        }
+                        let s = _mm256_cvtepi32_ps({
+                            let $w = sum;
+                            $wide
+                        });
+                        acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(x.d)), acc);
+                        macc = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s), macc);
+                        p = p.add(GROUP_BLOCK);
+                    }
+                    _mm256_storeu_ps(out[a].as_mut_ptr(), _mm256_add_ps(acc, macc));
+                }
             }
-            acc = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(sum),
-                _mm256_mul_ps(d, _mm256_set1_ps(x.d)),
-                acc,
-            );
-            p = p.add(GROUP_BLOCK_Q8);
+
+            /// Q8_0: signed weights, so products go through `sign` (|w| by ±x).
+            ///
+            /// # Safety
+            /// As for [`super::GroupKernel`].
+            #[target_feature(enable = $features)]
+            pub unsafe fn dot_group_q8_0(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
+                let nb = rows[0].len();
+                debug_assert!(w.len() >= nb * GROUP_BLOCK_Q8);
+                for (a, row) in rows.iter().enumerate() {
+                    let mut acc = _mm256_setzero_ps();
+                    let mut p = w.as_ptr();
+                    for x in row.iter() {
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                        let xq = x.qs.as_ptr() as *const i32;
+                        let mut sum = _mm256_setzero_si256();
+                        for v in 0..8 {
+                            let q = _mm256_loadu_si256(p.add(16 + 32 * v) as *const __m256i);
+                            let xb = _mm256_set1_epi32(xq.add(v).read_unaligned());
+                            sum = {
+                                let ($a, $u, $s) =
+                                    (sum, _mm256_sign_epi8(q, q), _mm256_sign_epi8(xb, q));
+                                $acc
+                            };
+                        }
+                        acc = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(sum),
+                            _mm256_mul_ps(d, _mm256_set1_ps(x.d)),
+                            acc,
+                        );
+                        p = p.add(GROUP_BLOCK_Q8);
+                    }
+                    _mm256_storeu_ps(out[a].as_mut_ptr(), acc);
+                }
+            }
         }
-        _mm256_storeu_ps(out[a].as_mut_ptr(), acc);
+    };
+}
+
+// Two products of unsigned by signed bytes fit 16 bits (`vpmaddubsw`); one `vpmaddwd` by 1
+// widens. Q8_0's products could overflow 16 bits in sums, so it widens every step.
+group_kernels!(
+    avx2,
+    "avx2,fma,f16c",
+    acc(a, u, s) = _mm256_add_epi32(
+        a,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    ),
+    acc16(a, u, s) = _mm256_add_epi16(a, _mm256_maddubs_epi16(u, s)),
+    wide(w) = _mm256_madd_epi16(w, _mm256_set1_epi16(1))
+);
+group_kernels!(
+    vnni,
+    "avx2,fma,f16c,avxvnni",
+    acc(a, u, s) = _mm256_dpbusd_avx_epi32(a, u, s),
+    acc16(a, u, s) = _mm256_dpbusd_avx_epi32(a, u, s),
+    wide(w) = w
+);
+group_kernels!(
+    vnni512,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    acc(a, u, s) = _mm256_dpbusd_epi32(a, u, s),
+    acc16(a, u, s) = _mm256_dpbusd_epi32(a, u, s),
+    wide(w) = w
+);
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use std::arch::is_x86_feature_detected as has;
+
+    use super::*;
+    use crate::engine::quant::quantize_row_q8;
+
+    /// Raw GGUF blocks of `ty` for `rows × cols`: scales near 0.01, every byte pattern in the
+    /// quants (Q8_0's -128 included).
+    fn raw(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+        let (_, bb) = ty.block();
+        let mut out = Vec::new();
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for blk in 0..rows * cols / 32 {
+            let mut b = vec![0u8; bb];
+            for v in b.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *v = (state >> 24) as u8;
+            }
+            let d = half::f16::from_f32(0.01 + (blk % 7) as f32 * 0.001).to_le_bytes();
+            b[..2].copy_from_slice(&d);
+            if ty == GgmlType::Q4_1 {
+                b[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
+            }
+            out.extend(b);
+        }
+        out
+    }
+
+    #[test]
+    fn vnni_kernels_give_the_avx2_kernels_bits() {
+        if !crate::engine::simd::has_avx2() {
+            return;
+        }
+        let (rows, cols, m) = (16, 256, 3);
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i as f32) * 0.37).sin() * 3.0)
+            .collect();
+        let mut q = vec![BlockQ8::default(); m * cols / 32];
+        quantize_row_q8(&x, &mut q);
+        let acts: Vec<&[BlockQ8]> = q.chunks(cols / 32).collect();
+        let run = |k: GroupKernel, il: &[u8], span: usize| {
+            let mut all = Vec::new();
+            for g in 0..rows / 8 {
+                let mut out = [[0f32; 8]; 3];
+                // SAFETY: each kernel is run only where its features were detected.
+                unsafe { k(&il[g * span..(g + 1) * span], &acts, &mut out) };
+                all.extend(out.iter().flatten().map(|v| v.to_bits()));
+            }
+            all
+        };
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let il = interleave(ty, &raw(ty, rows, cols), rows, cols);
+            let span = cols / 32 * group_block(ty);
+            let q8 = ty == GgmlType::Q8_0;
+            let pick = |a: GroupKernel, b: GroupKernel| if q8 { b } else { a };
+            let base = run(pick(avx2::dot_group, avx2::dot_group_q8_0), &il, span);
+            assert!(base.iter().any(|&b| f32::from_bits(b) != 0.0));
+            if has!("avxvnni") {
+                let got = run(pick(vnni::dot_group, vnni::dot_group_q8_0), &il, span);
+                assert_eq!(got, base, "AVX-VNNI, {ty:?}");
+            }
+            if has!("avx512vnni") && has!("avx512vl") {
+                let got = run(pick(vnni512::dot_group, vnni512::dot_group_q8_0), &il, span);
+                assert_eq!(got, base, "AVX512-VNNI, {ty:?}");
+            }
+        }
     }
 }

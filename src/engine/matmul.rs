@@ -48,7 +48,7 @@ impl QMatrix {
     /// Returns whether it did.
     pub fn interleave(&mut self) -> bool {
         if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
-            && self.rows % 8 == 0
+            && self.rows.is_multiple_of(8)
             && super::simd::has_avx2()
         {
             let packed = interleaved::interleave(self.ty, self.data(), self.rows, self.cols);
@@ -93,7 +93,7 @@ pub struct QuantizedRows<'a> {
 impl<'a> QuantizedRows<'a> {
     pub fn new(x: &'a [f32], k: usize, precise: bool) -> Self {
         assert!(
-            k % 32 == 0 && x.len() % k == 0,
+            k.is_multiple_of(32) && x.len().is_multiple_of(k),
             "row length {k} must be a multiple of 32"
         );
         let m = x.len() / k;
@@ -190,14 +190,9 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
     let float = x.precise || matches!(w.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     let avx2 = super::simd::has_avx2();
     #[cfg(target_arch = "x86_64")]
-    if let (Some(il), false, true) = (&w.interleaved, float, avx2) {
+    if let (Some(il), false, Some(kernel)) = (&w.interleaved, float, interleaved::kernel(w.ty)) {
         let nb = x.k / 32;
         let span = nb * interleaved::group_block(w.ty);
-        let kernel = if w.ty == GgmlType::Q8_0 {
-            interleaved::dot_group_q8_0
-        } else {
-            interleaved::dot_group
-        };
         let mut acc = [[0f32; 8]; ROWS];
         for t0 in (0..x.m).step_by(TILE_ROWS) {
             let t1 = (t0 + TILE_ROWS).min(x.m);
@@ -206,7 +201,7 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
                 let g = (t1 - i).min(ROWS);
                 let rows: [&[BlockQ8]; ROWS] = std::array::from_fn(|a| x.row(i + a.min(g - 1)));
                 for grp in r0 / 8..r1.div_ceil(8) {
-                    // SAFETY: AVX2/FMA/F16C checked; `il` holds `nb` blocks per group.
+                    // SAFETY: `kernel` is for this CPU; `il` holds `nb` blocks per group.
                     unsafe { kernel(&il[grp * span..(grp + 1) * span], &rows[..g], &mut acc[..g]) };
                     for (a, vals) in acc.iter().enumerate().take(g) {
                         out[(i + a) * n + grp * 8..][..8].copy_from_slice(vals);

@@ -112,7 +112,7 @@ impl<'a> WeightSource<'a> {
             Self::Random { ty, state } => {
                 // A row that is no whole number of blocks (SmolLM2's 576 in 256-value K-quant
                 // blocks) takes Q8_0, as llama.cpp's quantizer falls back too.
-                let ty = if cols % ty.block().0 == 0 {
+                let ty = if cols.is_multiple_of(ty.block().0) {
                     *ty
                 } else {
                     GgmlType::Q8_0
@@ -336,7 +336,7 @@ impl Model {
                     "an 8-bit KV cache is for the CPU backend only".into(),
                 ));
             }
-            if self.cfg.head_dim % super::kv::Q8_GROUP != 0 {
+            if !self.cfg.head_dim.is_multiple_of(super::kv::Q8_GROUP) {
                 return Err(EngineError::Unsupported(format!(
                     "an 8-bit KV cache needs a head size that is a multiple of 32 (this model: {})",
                     self.cfg.head_dim

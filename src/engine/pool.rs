@@ -160,7 +160,7 @@ fn worker(s: &Shared) {
             }
             spins = spins.wrapping_add(1);
             // Reading the clock costs more than a spin: look at it now and then.
-            if spins % 256 == 0 && spin_start.elapsed() > SPIN {
+            if spins.is_multiple_of(256) && spin_start.elapsed() > SPIN {
                 let g = lock(&s.sleep);
                 if s.epoch.load(Ordering::Acquire) == seen {
                     let _g = s.wake.wait_timeout(g, Duration::from_millis(100));

@@ -166,26 +166,31 @@ unsafe fn quantize_q8_groups_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 #[inline(always)]
 unsafe fn q8_block_avx2(p: *const f32, out: *mut i8) -> (f32, i32) {
     use std::arch::x86_64::*;
+    // No closures here: they would not inherit the caller's target features, and the
+    // intrinsics in them would become calls.
     let abs_mask = _mm256_set1_ps(-0.0);
-    let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
-    let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| {
-        _mm256_max_ps(m, _mm256_andnot_ps(abs_mask, v))
-    });
+    let mut v = [_mm256_setzero_ps(); 4];
+    let mut m = _mm256_setzero_ps();
+    for (i, v) in v.iter_mut().enumerate() {
+        *v = _mm256_loadu_ps(p.add(8 * i));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(abs_mask, *v));
+    }
     let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
     let d = amax / 127.0;
     let id = _mm256_set1_ps(q8_inverse(d));
     let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-    let q = v.map(|v| {
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (q, v) in q.iter_mut().zip(v) {
         let r = _mm256_round_ps(
             _mm256_mul_ps(v, id),
             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
         );
         // NaN to 0 and the rest within ±127, as the portable path's `as` and `clamp` do.
         let r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));
-        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
-    });
+        *q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
     let packed = _mm256_packs_epi16(
         _mm256_packs_epi32(q[0], q[1]),
         _mm256_packs_epi32(q[2], q[3]),
@@ -337,7 +342,7 @@ pub fn unpack_k_sub(ty: GgmlType, b: &[u8], sub: usize, q: &mut [i8; 32]) -> (f3
     let scales = &b[4..16];
     let (sc, mn) = scale_min_k4(sub, scales);
     let group = sub / 2;
-    let shift = if sub % 2 == 0 { 0 } else { 4 };
+    let shift = if sub.is_multiple_of(2) { 0 } else { 4 };
     match ty {
         GgmlType::Q4K => {
             let qs = &b[16 + group * 32..16 + group * 32 + 32];

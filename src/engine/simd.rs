@@ -62,6 +62,45 @@ pub fn axpy_f16(out: &mut [f32], v: &[f16], w: f32) {
     }
 }
 
+/// `x ← exp(x - max x) / Σ exp(x - max x)` in place.
+pub fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked above.
+        return unsafe { x86::softmax(x) };
+    }
+    softmax_portable(x)
+}
+
+fn softmax_portable(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `g ← silu(g)·u = g·σ(g)·u`, the SwiGLU gate.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked above.
+        return unsafe { x86::silu_mul(g, u) };
+    }
+    silu_mul_portable(g, u)
+}
+
+fn silu_mul_portable(g: &mut [f32], u: &[f32]) {
+    for (g, u) in g.iter_mut().zip(u) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
 /// Attention scores of `g` query heads against `n` f16 key rows:
 /// `out[h·stride + p] = scale·k_p·q_h` (`q`: `g × hd`, contiguous). Each key row is loaded once
 /// for all heads of its group.
@@ -269,6 +308,89 @@ mod x86 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// `e^x` to within 2 ulp (Cephes' `expf`: `2^n · e^r`, `|r| ≤ ln 2 / 2`, a degree-6
+    /// polynomial); below -87 (where `e^x` leaves the normal floats) it is 0, above 88 it is
+    /// `e^88`.
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GE_OQ);
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r),
+            _mm256_set1_ps(1.0),
+        );
+        let pow2n = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), tiny)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax(x: &mut [f32]) {
+        let n = x.len();
+        let whole = n - n % 8;
+        let p = x.as_mut_ptr();
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for i in (0..whole).step_by(8) {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let mut max = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        for &v in &x[whole..] {
+            max = max.max(v);
+        }
+        let vmax = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        for i in (0..whole).step_by(8) {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
+            _mm256_storeu_ps(p.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let mut total = hsum(sum);
+        for v in &mut x[whole..] {
+            *v = (*v - max).exp();
+            total += *v;
+        }
+        let inv = 1.0 / total;
+        let vinv = _mm256_set1_ps(inv);
+        for i in (0..whole).step_by(8) {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
+        }
+        for v in &mut x[whole..] {
+            *v *= inv;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
+        let n = g.len().min(u.len());
+        let whole = n - n % 8;
+        let (gp, up) = (g.as_mut_ptr(), u.as_ptr());
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..whole).step_by(8) {
+            let x = _mm256_loadu_ps(gp.add(i));
+            let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            let y = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(gp.add(i), _mm256_mul_ps(y, _mm256_loadu_ps(up.add(i))));
+        }
+        super::silu_mul_portable(&mut g[whole..n], &u[whole..n]);
     }
 
     /// `G` heads, `P` positions at a time (`G·P` sums in flight); the caller checks shapes.
@@ -501,6 +623,37 @@ mod tests {
         axpy_f16(&mut out, &h, 2.0);
         for i in 0..77 {
             assert!((out[i] - (b[i] + 2.0 * a[i])).abs() < 1e-2);
+        }
+    }
+
+    #[test]
+    fn softmax_matches_the_portable_one() {
+        for n in [1, 7, 8, 37, 1000] {
+            // Spread over ±60 around the max, one score far below (its weight is 0 or ~0).
+            let mut x: Vec<f32> = (0..n).map(|i| ((i as f32) * 1.7).sin() * 60.0).collect();
+            if n > 8 {
+                x[3] = -1e30;
+            }
+            let mut fast = x.clone();
+            softmax(&mut fast);
+            softmax_portable(&mut x);
+            for (a, b) in fast.iter().zip(&x) {
+                assert!((a - b).abs() <= 1e-6 * b.abs() + 1e-38, "n={n}: {a} vs {b}");
+            }
+            let sum: f32 = fast.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "n={n}: sums to {sum}");
+        }
+    }
+
+    #[test]
+    fn silu_matches_the_portable_one() {
+        let g: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.9).collect();
+        let u: Vec<f32> = (0..203).map(|i| ((i as f32) * 0.3).cos()).collect();
+        let (mut fast, mut slow) = (g.clone(), g.clone());
+        silu_mul(&mut fast, &u);
+        silu_mul_portable(&mut slow, &u);
+        for (a, b) in fast.iter().zip(&slow) {
+            assert!((a - b).abs() <= 1e-6 * b.abs() + 1e-30, "{a} vs {b}");
         }
     }
 
