@@ -133,49 +133,68 @@ macro_rules! group_kernels {
 
             use super::{BlockQ8, GROUP_BLOCK, GROUP_BLOCK_Q8};
 
-            /// Q4_0/Q4_1: see [`super::GroupKernel`].
+            /// Q4_0/Q4_1: see [`super::GroupKernel`]. Up to four activation rows share each
+            /// unpacking of the nibbles; every row gets the same arithmetic however many share.
             ///
             /// # Safety
             /// As for [`super::GroupKernel`].
             #[target_feature(enable = $features)]
             pub unsafe fn dot_group(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
+                debug_assert!(w.len() >= rows[0].len() * GROUP_BLOCK);
+                for (rows, out) in rows.chunks(4).zip(out.chunks_mut(4)) {
+                    match rows.len() {
+                        4 => q4_rows::<4>(w, rows, out),
+                        3 => q4_rows::<3>(w, rows, out),
+                        2 => q4_rows::<2>(w, rows, out),
+                        _ => q4_rows::<1>(w, rows, out),
+                    }
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q4_rows<const R: usize>(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
                 let nb = rows[0].len();
-                debug_assert!(w.len() >= nb * GROUP_BLOCK);
                 let mask = _mm256_set1_epi8(0xF);
-                for (a, row) in rows.iter().enumerate() {
-                    let mut acc = _mm256_setzero_ps();
-                    let mut macc = _mm256_setzero_ps();
-                    let mut p = w.as_ptr();
-                    for x in row.iter() {
-                        let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-                        let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-                        let xq = x.qs.as_ptr() as *const i32;
-                        let mut sum = _mm256_setzero_si256();
-                        for v in 0..4 {
-                            let raw = _mm256_loadu_si256(p.add(32 + 32 * v) as *const __m256i);
-                            let lo = _mm256_and_si256(raw, mask);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut macc = [_mm256_setzero_ps(); R];
+                let mut p = w.as_ptr();
+                for b in 0..nb {
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+                    let mut sum = [_mm256_setzero_si256(); R];
+                    for v in 0..4 {
+                        let raw = _mm256_loadu_si256(p.add(32 + 32 * v) as *const __m256i);
+                        let lo = _mm256_and_si256(raw, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                        for r in 0..R {
+                            let xq = rows[r].get_unchecked(b).qs.as_ptr() as *const i32;
                             let xl = _mm256_set1_epi32(xq.add(v).read_unaligned());
                             let xh = _mm256_set1_epi32(xq.add(4 + v).read_unaligned());
                             // In 16 bits each lane is at most 2·15·127; eight stay below 2^15.
-                            sum = {
-                                let ($a16, $u16, $s16) = (sum, lo, xl);
+                            sum[r] = {
+                                let ($a16, $u16, $s16) = (sum[r], lo, xl);
                                 $acc16
                             };
-                            sum = {
-                                let ($a16, $u16, $s16) = (sum, hi, xh);
+                            sum[r] = {
+                                let ($a16, $u16, $s16) = (sum[r], hi, xh);
                                 $acc16
                             };
                         }
+                    }
+                    for r in 0..R {
+                        let x = rows[r].get_unchecked(b);
                         let s = _mm256_cvtepi32_ps({
-                            let $w = sum;
+                            let $w = sum[r];
                             $wide
                         });
-                        acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(x.d)), acc);
-                        macc = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s), macc);
-                        p = p.add(GROUP_BLOCK);
+                        acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(x.d)), acc[r]);
+                        macc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s), macc[r]);
                     }
-                    _mm256_storeu_ps(out[a].as_mut_ptr(), _mm256_add_ps(acc, macc));
+                    p = p.add(GROUP_BLOCK);
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], macc[r]));
                 }
             }
 
@@ -280,30 +299,47 @@ mod tests {
         if !crate::engine::simd::has_avx2() {
             return;
         }
-        let (rows, cols, m) = (16, 256, 3);
+        let (rows, cols, m) = (16, 256, 7);
         let x: Vec<f32> = (0..m * cols)
             .map(|i| ((i as f32) * 0.37).sin() * 3.0)
             .collect();
         let mut q = vec![BlockQ8::default(); m * cols / 32];
         quantize_row_q8(&x, &mut q);
         let acts: Vec<&[BlockQ8]> = q.chunks(cols / 32).collect();
-        let run = |k: GroupKernel, il: &[u8], span: usize| {
-            let mut all = Vec::new();
+        // Every output's bits, for activation rows `acts` all at once or one at a time.
+        let run_with = |k: GroupKernel, il: &[u8], span: usize, together: bool| {
+            let mut all = vec![0u32; m * rows];
             for g in 0..rows / 8 {
-                let mut out = [[0f32; 8]; 3];
+                let mut out = [[0f32; 8]; 7];
+                let w = &il[g * span..(g + 1) * span];
                 // SAFETY: each kernel is run only where its features were detected.
-                unsafe { k(&il[g * span..(g + 1) * span], &acts, &mut out) };
-                all.extend(out.iter().flatten().map(|v| v.to_bits()));
+                unsafe {
+                    if together {
+                        k(w, &acts, &mut out);
+                    } else {
+                        for a in 0..m {
+                            k(w, &acts[a..a + 1], &mut out[a..a + 1]);
+                        }
+                    }
+                }
+                for (a, o) in out.iter().enumerate() {
+                    for (r, v) in o.iter().enumerate() {
+                        all[a * rows + g * 8 + r] = v.to_bits();
+                    }
+                }
             }
             all
         };
+        let run = |k, il: &[u8], span| run_with(k, il, span, true);
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let il = interleave(ty, &raw(ty, rows, cols), rows, cols);
             let span = cols / 32 * group_block(ty);
             let q8 = ty == GgmlType::Q8_0;
             let pick = |a: GroupKernel, b: GroupKernel| if q8 { b } else { a };
-            let base = run(pick(avx2::dot_group, avx2::dot_group_q8_0), &il, span);
-            assert!(base.iter().any(|&b| f32::from_bits(b) != 0.0));
+            let plain = pick(avx2::dot_group, avx2::dot_group_q8_0);
+            let base = run(plain, &il, span);
+            assert!(base.iter().all(|&b| f32::from_bits(b) != 0.0));
+            assert_eq!(base, run_with(plain, &il, span, false), "alone, {ty:?}");
             if has!("avxvnni") {
                 let got = run(pick(vnni::dot_group, vnni::dot_group_q8_0), &il, span);
                 assert_eq!(got, base, "AVX-VNNI, {ty:?}");
