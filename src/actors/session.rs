@@ -358,13 +358,16 @@ impl SessionState {
         }
         let s = &self.args;
         let conv = s.store.conversation(s.owner, s.conversation).await?;
-        self.ask(myself, conv.current_leaf_id, content).await
+        let parent = conv.current_leaf_id;
+        self.ask(myself, conv, parent, content).await
     }
 
-    /// Stores a user message under `parent` — before anything else can fail — and answers it.
+    /// Stores a user message under `parent` — before anything else can fail — and answers it
+    /// with `conv`'s settings (read once per request).
     async fn ask(
         &mut self,
         myself: &ActorRef<SessionMsg>,
+        conv: Conversation,
         parent: Option<MessageId>,
         content: String,
     ) -> Result<(), SessionError> {
@@ -398,7 +401,7 @@ impl SessionState {
             message: user.clone(),
             siblings,
         });
-        self.generate(myself, user.id).await
+        self.generate(myself, conv, user.id).await
     }
 
     async fn regenerate(
@@ -425,7 +428,7 @@ impl SessionState {
                 message: "nothing to answer".into(),
             })?,
         };
-        self.generate(myself, user).await
+        self.generate(myself, conv, user).await
     }
 
     async fn edit(
@@ -444,16 +447,18 @@ impl SessionState {
                 message: "only your own messages can be edited".into(),
             });
         }
-        self.ask(myself, old.parent_id, content).await
+        let conv = s.store.conversation(s.owner, s.conversation).await?;
+        self.ask(myself, conv, old.parent_id, content).await
     }
 
     /// Renders the branch ending at `user` and starts answering it.
     async fn generate(
         &mut self,
         myself: &ActorRef<SessionMsg>,
+        conv: Conversation,
         user: MessageId,
     ) -> Result<(), SessionError> {
-        let r = self.try_generate(myself, user).await;
+        let r = self.try_generate(myself, &conv, user).await;
         if let Err(e) = &r {
             self.broadcast(match e {
                 SessionError::Busy { queue_len } => SessionEvent::Busy {
@@ -471,12 +476,12 @@ impl SessionState {
     async fn try_generate(
         &mut self,
         myself: &ActorRef<SessionMsg>,
+        conv: &Conversation,
         user: MessageId,
     ) -> Result<(), SessionError> {
         let s = &self.args;
-        let conv = s.store.conversation(s.owner, s.conversation).await?;
         let branch = s.store.branch(s.owner, s.conversation, Some(user)).await?;
-        let (prompt, dropped) = self.render(&conv, &branch)?;
+        let (prompt, dropped) = self.render(conv, &branch)?;
         if dropped > 0 {
             self.broadcast(SessionEvent::Notice {
                 text: format!("{dropped} earlier turn(s) were left out so the conversation fits the model's context"),
