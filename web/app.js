@@ -127,9 +127,12 @@ function handle(ev) {
       // Finished in place, like the streaming: an opened reasoning block or a selection stays.
       const li = messageNode(m.id);
       if (li) keepingScroll(() => {
-        li.className = messageClass(m);
+        li.classList.remove("streaming");
+        li.classList.add(m.status);
         patchStreaming(li, m);
-        li.querySelector(".meta").replaceWith(metaElement(m));
+        const meta = li.querySelector(".meta");
+        if (meta) meta.replaceWith(metaElement(m));
+        else li.append(metaElement(m));
       });
       showControls();
       break;
@@ -156,7 +159,8 @@ function handle(ev) {
         reopen();
         break;
       }
-      if (ev.conversation_id === state.current) state.reopening = false;
+      // A refused reopen (its error names no conversation, only the request) may be retried.
+      if (ev.request_id === "reopen" || ev.conversation_id === state.current) state.reopening = false;
       if (mine) notice(friendly[ev.code] || ev.message, true);
       break;
   }
@@ -164,7 +168,8 @@ function handle(ev) {
 
 // Asks for a fresh snapshot of the open conversation, once until it comes.
 function reopen() {
-  if (!state.reopening) state.reopening = send({ type: "open", conversation_id: state.current });
+  if (!state.reopening && send({ type: "open", conversation_id: state.current, request_id: "reopen" }))
+    state.reopening = true;
 }
 
 function secondsSince(id) {
@@ -238,11 +243,9 @@ function markdown(text) {
   return div;
 }
 
-function messageClass(m) { return `msg ${m.role} ${m.status}`; }
-
 function messageElement(m) {
   const li = document.createElement("li");
-  li.className = messageClass(m);
+  li.className = `msg ${m.role} ${m.status}`;
   li.dataset.id = m.id;
   if (m.role === "assistant" && m.reasoning) li.append(reasoningElement(m));
   li.append(bodyElement(m), metaElement(m));

@@ -1,4 +1,5 @@
-//! Q4_0/Q4_1 weights re-laid at load time as groups of 8 rows, for AVX2.
+//! Q4_0/Q4_1/Q8_0 weights re-laid at load time as groups of 8 rows, with their kernels for
+//! AVX2, AVX-VNNI and AVX512-VNNI (one body; [`kernel`] picks for the CPU).
 //!
 //! In GGUF order, each (weight row, activation row) pair needs its own scaled float update per
 //! block; batched decode is bound by that float work. Here the blocks of 8 consecutive rows are
@@ -84,8 +85,9 @@ pub fn interleave(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<u8
 /// many are passed.
 ///
 /// # Safety
-/// The CPU must support the features the kernel was chosen for (see [`kernel`]); `w` must hold
-/// `rows[a].len()` interleaved blocks of the kernel's type.
+/// The CPU must support the features the kernel was chosen for (see [`kernel`]); all rows must
+/// be as long, `w` must hold that many interleaved blocks of the kernel's type, and `out` must
+/// be as long as `rows`.
 pub type GroupKernel = unsafe fn(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]);
 
 /// The fastest kernel this CPU runs for interleaved `ty` weights (`None` without AVX2).
@@ -140,7 +142,9 @@ macro_rules! group_kernels {
             /// As for [`super::GroupKernel`].
             #[target_feature(enable = $features)]
             pub unsafe fn dot_group(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
-                debug_assert!(w.len() >= rows[0].len() * GROUP_BLOCK);
+                let nb = rows[0].len();
+                debug_assert!(w.len() >= nb * GROUP_BLOCK && out.len() >= rows.len());
+                debug_assert!(rows.iter().all(|r| r.len() == nb));
                 for (rows, out) in rows.chunks(4).zip(out.chunks_mut(4)) {
                     match rows.len() {
                         4 => q4_rows::<4>(w, rows, out),
@@ -205,7 +209,7 @@ macro_rules! group_kernels {
             #[target_feature(enable = $features)]
             pub unsafe fn dot_group_q8_0(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
                 let nb = rows[0].len();
-                debug_assert!(w.len() >= nb * GROUP_BLOCK_Q8);
+                debug_assert!(w.len() >= nb * GROUP_BLOCK_Q8 && out.len() >= rows.len());
                 for (a, row) in rows.iter().enumerate() {
                     let mut acc = _mm256_setzero_ps();
                     let mut p = w.as_ptr();
@@ -294,59 +298,75 @@ mod tests {
         out
     }
 
+    /// Every output's bits for activation rows `acts`, all in one call or one row per call.
+    fn run(
+        k: GroupKernel,
+        il: &[u8],
+        span: usize,
+        acts: &[&[BlockQ8]],
+        together: bool,
+    ) -> Vec<u32> {
+        let (m, groups) = (acts.len(), il.len() / span);
+        let mut all = vec![0u32; m * groups * 8];
+        for g in 0..groups {
+            let mut out = vec![[0f32; 8]; m];
+            let w = &il[g * span..(g + 1) * span];
+            // SAFETY: the callers run each kernel only where its features were detected.
+            unsafe {
+                if together {
+                    k(w, acts, &mut out);
+                } else {
+                    for a in 0..m {
+                        k(w, &acts[a..a + 1], &mut out[a..a + 1]);
+                    }
+                }
+            }
+            for (a, o) in out.iter().enumerate() {
+                for (r, v) in o.iter().enumerate() {
+                    all[(a * groups + g) * 8 + r] = v.to_bits();
+                }
+            }
+        }
+        all
+    }
+
     #[test]
     fn vnni_kernels_give_the_avx2_kernels_bits() {
         if !crate::engine::simd::has_avx2() {
             return;
         }
-        let (rows, cols, m) = (16, 256, 7);
-        let x: Vec<f32> = (0..m * cols)
+        let (rows, cols) = (16, 256);
+        let x: Vec<f32> = (0..8 * cols)
             .map(|i| ((i as f32) * 0.37).sin() * 3.0)
             .collect();
-        let mut q = vec![BlockQ8::default(); m * cols / 32];
+        let mut q = vec![BlockQ8::default(); 8 * cols / 32];
         quantize_row_q8(&x, &mut q);
         let acts: Vec<&[BlockQ8]> = q.chunks(cols / 32).collect();
-        // Every output's bits, for activation rows `acts` all at once or one at a time.
-        let run_with = |k: GroupKernel, il: &[u8], span: usize, together: bool| {
-            let mut all = vec![0u32; m * rows];
-            for g in 0..rows / 8 {
-                let mut out = [[0f32; 8]; 7];
-                let w = &il[g * span..(g + 1) * span];
-                // SAFETY: each kernel is run only where its features were detected.
-                unsafe {
-                    if together {
-                        k(w, &acts, &mut out);
-                    } else {
-                        for a in 0..m {
-                            k(w, &acts[a..a + 1], &mut out[a..a + 1]);
-                        }
-                    }
-                }
-                for (a, o) in out.iter().enumerate() {
-                    for (r, v) in o.iter().enumerate() {
-                        all[a * rows + g * 8 + r] = v.to_bits();
-                    }
-                }
-            }
-            all
-        };
-        let run = |k, il: &[u8], span| run_with(k, il, span, true);
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let il = interleave(ty, &raw(ty, rows, cols), rows, cols);
             let span = cols / 32 * group_block(ty);
             let q8 = ty == GgmlType::Q8_0;
             let pick = |a: GroupKernel, b: GroupKernel| if q8 { b } else { a };
-            let plain = pick(avx2::dot_group, avx2::dot_group_q8_0);
-            let base = run(plain, &il, span);
-            assert!(base.iter().all(|&b| f32::from_bits(b) != 0.0));
-            assert_eq!(base, run_with(plain, &il, span, false), "alone, {ty:?}");
-            if has!("avxvnni") {
-                let got = run(pick(vnni::dot_group, vnni::dot_group_q8_0), &il, span);
-                assert_eq!(got, base, "AVX-VNNI, {ty:?}");
-            }
-            if has!("avx512vnni") && has!("avx512vl") {
-                let got = run(pick(vnni512::dot_group, vnni512::dot_group_q8_0), &il, span);
-                assert_eq!(got, base, "AVX512-VNNI, {ty:?}");
+            // Every count of rows a call may get (1 to 8: each way of sharing the unpacking).
+            for m in 1..=8 {
+                let acts = &acts[..m];
+                let plain = pick(avx2::dot_group, avx2::dot_group_q8_0);
+                let base = run(plain, &il, span, acts, true);
+                assert!(base.iter().all(|&b| f32::from_bits(b) != 0.0));
+                let alone = run(plain, &il, span, acts, false);
+                assert_eq!(base, alone, "{m} rows against each alone, {ty:?}");
+                if has!("avxvnni") {
+                    let k = pick(vnni::dot_group, vnni::dot_group_q8_0);
+                    assert_eq!(run(k, &il, span, acts, true), base, "AVX-VNNI, {m}, {ty:?}");
+                }
+                if has!("avx512vnni") && has!("avx512vl") {
+                    let k = pick(vnni512::dot_group, vnni512::dot_group_q8_0);
+                    assert_eq!(
+                        run(k, &il, span, acts, true),
+                        base,
+                        "AVX512-VNNI, {m}, {ty:?}"
+                    );
+                }
             }
         }
     }

@@ -173,7 +173,9 @@ unsafe fn q8_block_avx2(p: *const f32, out: *mut i8) -> (f32, i32) {
     let mut m = _mm256_setzero_ps();
     for (i, v) in v.iter_mut().enumerate() {
         *v = _mm256_loadu_ps(p.add(8 * i));
-        m = _mm256_max_ps(m, _mm256_andnot_ps(abs_mask, *v));
+        // (`maxps` returns its second operand where either is NaN: NaNs are skipped, as
+        // `f32::max` skips them.)
+        m = _mm256_max_ps(_mm256_andnot_ps(abs_mask, *v), m);
     }
     let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
@@ -411,8 +413,8 @@ mod tests {
 
     #[test]
     fn q8_simd_and_portable_give_the_same_bytes() {
-        // Ties (x·127/amax exactly k + 0.5), zeros, negatives, a block of all zeros, one of
-        // subnormals (whose scale has no finite inverse) and one with an infinity.
+        // Ties (x·127/amax exactly k + 0.5), zeros, negatives, a NaN, a block of all zeros,
+        // one of subnormals (whose scale has no finite inverse) and one with an infinity.
         let mut x: Vec<f32> = (0..160).map(|i| ((i as f32) * 0.61).sin() * 5.0).collect();
         x[0] = 127.0;
         for (i, v) in x[1..32].iter_mut().enumerate() {
@@ -422,6 +424,7 @@ mod tests {
         x[96..128].fill(1e-40);
         x[100] = -3e-40;
         x[130] = f32::INFINITY;
+        x[31] = f32::NAN;
         let mut a = vec![BlockQ8::default(); 5];
         let mut b = vec![BlockQ8::default(); 5];
         quantize_row_q8(&x, &mut a);

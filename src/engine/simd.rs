@@ -312,13 +312,15 @@ mod x86 {
 
     /// `e^x` to within 2 ulp (Cephes' `expf`: `2^n · e^r`, `|r| ≤ ln 2 / 2`, a degree-6
     /// polynomial); below -87 (where `e^x` leaves the normal floats) it is 0, above 88 it is
-    /// `e^88`.
+    /// `e^88`, and NaN stays NaN.
     #[inline(always)]
-    unsafe fn exp(x: __m256) -> __m256 {
-        let tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GE_OQ);
+    unsafe fn exp(x0: __m256) -> __m256 {
+        // All ones where x ≥ -87 or x is NaN (a NaN goes through the arithmetic as NaN).
+        let keep = _mm256_cmp_ps(x0, _mm256_set1_ps(-87.0), _CMP_NLT_UQ);
+        // `maxps`/`minps` give their second operand where either is NaN: x0 goes second.
         let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
             _mm256_set1_ps(88.0),
+            _mm256_max_ps(_mm256_set1_ps(-87.0), x0),
         );
         let n = _mm256_round_ps(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
@@ -338,7 +340,7 @@ mod x86 {
             _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
             23,
         );
-        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), tiny)
+        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), keep)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -348,13 +350,13 @@ mod x86 {
         let p = x.as_mut_ptr();
         let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
         for i in (0..whole).step_by(8) {
-            m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+            m = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), m); // NaNs skipped, as by f32::max
         }
         let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         let mut max = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-        for &v in &x[whole..] {
-            max = max.max(v);
+        for i in whole..n {
+            max = max.max(*p.add(i));
         }
         let vmax = _mm256_set1_ps(max);
         let mut sum = _mm256_setzero_ps();
@@ -364,17 +366,17 @@ mod x86 {
             sum = _mm256_add_ps(sum, e);
         }
         let mut total = hsum(sum);
-        for v in &mut x[whole..] {
-            *v = (*v - max).exp();
-            total += *v;
+        for i in whole..n {
+            *p.add(i) = (*p.add(i) - max).exp();
+            total += *p.add(i);
         }
         let inv = 1.0 / total;
         let vinv = _mm256_set1_ps(inv);
         for i in (0..whole).step_by(8) {
             _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
         }
-        for v in &mut x[whole..] {
-            *v *= inv;
+        for i in whole..n {
+            *p.add(i) *= inv;
         }
     }
 
@@ -390,7 +392,10 @@ mod x86 {
             let y = _mm256_div_ps(x, _mm256_add_ps(one, e));
             _mm256_storeu_ps(gp.add(i), _mm256_mul_ps(y, _mm256_loadu_ps(up.add(i))));
         }
-        super::silu_mul_portable(&mut g[whole..n], &u[whole..n]);
+        for i in whole..n {
+            let x = *gp.add(i);
+            *gp.add(i) = x / (1.0 + (-x).exp()) * *up.add(i);
+        }
     }
 
     /// `G` heads, `P` positions at a time (`G·P` sums in flight); the caller checks shapes.
@@ -633,6 +638,8 @@ mod tests {
             let mut x: Vec<f32> = (0..n).map(|i| ((i as f32) * 1.7).sin() * 60.0).collect();
             if n > 8 {
                 x[3] = -1e30;
+                x[5] = f32::NEG_INFINITY;
+                x[6] = x[7] - 87.0; // just at the edge of the normal floats
             }
             let mut fast = x.clone();
             softmax(&mut fast);
@@ -643,17 +650,33 @@ mod tests {
             let sum: f32 = fast.iter().sum();
             assert!((sum - 1.0).abs() < 1e-5, "n={n}: sums to {sum}");
         }
+        // A NaN score makes every weight NaN, on both paths (as softmax in f32 arithmetic does).
+        for at in [2, 12] {
+            let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
+            x[at] = f32::NAN;
+            let mut fast = x.clone();
+            softmax(&mut fast);
+            softmax_portable(&mut x);
+            assert!(
+                fast.iter().chain(&x).all(|v| v.is_nan()),
+                "NaN at {at}: {fast:?}"
+            );
+        }
     }
 
     #[test]
     fn silu_matches_the_portable_one() {
-        let g: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.9).collect();
+        let mut g: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.9).collect();
+        g[5] = f32::INFINITY;
         let u: Vec<f32> = (0..203).map(|i| ((i as f32) * 0.3).cos()).collect();
         let (mut fast, mut slow) = (g.clone(), g.clone());
         silu_mul(&mut fast, &u);
         silu_mul_portable(&mut slow, &u);
         for (a, b) in fast.iter().zip(&slow) {
-            assert!((a - b).abs() <= 1e-6 * b.abs() + 1e-30, "{a} vs {b}");
+            assert!(
+                a == b || (a - b).abs() <= 1e-6 * b.abs() + 1e-30,
+                "{a} vs {b}"
+            );
         }
     }
 
@@ -666,6 +689,8 @@ mod tests {
             (1, 40, 5),
             (2, 64, 32),
             (2, 48, 3),
+            (1, 48, 4),
+            (2, 40, 6),
             (3, 64, 33),
             (3, 24, 4),
             (4, 128, 5),
