@@ -359,6 +359,8 @@ function fillSettings() {
   const c = state.conversation;
   $("system-prompt").value = c.system_prompt;
   $("temperature").value = c.settings.temperature;
+  $("top-p").value = c.settings.top_p;
+  $("max-tokens").value = c.settings.max_tokens;
   $("reasoning").checked = c.reasoning;
 }
 
@@ -396,7 +398,12 @@ $("settings-toggle").onclick = () => { $("settings").hidden = !$("settings").hid
 $("toggle-sidebar").onclick = () => document.body.classList.toggle("show-sidebar");
 $("save-settings").onclick = async () => {
   if (!state.current) return;
-  const settings = { ...state.conversation.settings, temperature: Number($("temperature").value) };
+  const settings = {
+    ...state.conversation.settings,
+    temperature: Number($("temperature").value),
+    top_p: Number($("top-p").value),
+    max_tokens: Number($("max-tokens").value),
+  };
   const r = await fetch(`/api/conversations/${state.current}`, {
     method: "PATCH",
     headers: { "content-type": "application/json" },
@@ -406,7 +413,11 @@ $("save-settings").onclick = async () => {
     state.conversation = await r.json();
     notice("Settings saved.");
   } else {
-    notice((await r.json()).message, true);
+    const text = await r.text();
+    let message = text;
+    try { message = JSON.parse(text).message || text; } catch {}
+    notice(message, true);
+    fillSettings(); // back to what is saved
   }
 };
 let searchTimer;

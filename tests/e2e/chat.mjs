@@ -149,6 +149,26 @@ await check("stop ends the answer", async () => {
   await shot(page, "04-stopped");
 });
 
+await check("settings: a short answer limit cuts the answer; a bad one is refused and undone", async () => {
+  if (await page.isHidden("#settings")) await page.click("#settings-toggle");
+  await page.fill("#max-tokens", "4");
+  await page.click("#save-settings");
+  await page.waitForSelector("#notice >> text=Settings saved.");
+  await ask(page, "Tell me about the sea.");
+  await page.waitForFunction(() => {
+    const m = [...document.querySelectorAll("li.msg.assistant .meta")].pop();
+    return m && /cut at the length limit/.test(m.innerText);
+  }, null, { timeout: 60000 });
+  await page.fill("#max-tokens", "0");
+  await page.click("#save-settings");
+  await page.waitForSelector("#notice.error >> text=max_tokens");
+  assert((await page.inputValue("#max-tokens")) === "4", "the saved value is back in the field");
+  await page.fill("#max-tokens", "512");
+  await page.click("#save-settings");
+  await page.waitForSelector("#notice >> text=Settings saved.");
+  await shot(page, "04b-settings");
+});
+
 await check("rename, search and delete work", async () => {
   page.__dialogAnswer = "Paris questions";
   await page.click("#rename");
