@@ -122,7 +122,7 @@ pub fn scores_f16(
             return match g {
                 1 => x86::scores_f16::<1, 4>(k, q, hd, scale, out, stride),
                 2 => x86::scores_f16::<2, 4>(k, q, hd, scale, out, stride),
-                3 => x86::scores_f16::<3, 2>(k, q, hd, scale, out, stride),
+                3 => x86::scores_f16::<3, 4>(k, q, hd, scale, out, stride),
                 4 => x86::scores_f16::<4, 2>(k, q, hd, scale, out, stride),
                 _ => scores_f16_portable(k, q, (g, hd), scale, out, stride),
             };
@@ -398,7 +398,34 @@ mod x86 {
         }
     }
 
-    /// `G` heads, `P` positions at a time (`G·P` sums in flight); the caller checks shapes.
+    /// `dst[j] = scale · Σ acc[j]` for `j < m`: the `P` (2 or 4) horizontal sums together,
+    /// through `hadd`, rather than one by one.
+    #[inline(always)]
+    unsafe fn store_sums<const P: usize>(acc: &[__m256; P], m: usize, scale: f32, dst: *mut f32) {
+        let t = if P == 4 {
+            _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[P - 2], acc[P - 1]), // (2 and 3: written so for any P)
+            )
+        } else {
+            let t = _mm256_hadd_ps(acc[0], acc[1]);
+            _mm256_hadd_ps(t, t)
+        };
+        let s = _mm_mul_ps(
+            _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)),
+            _mm_set1_ps(scale),
+        );
+        if m == 4 {
+            _mm_storeu_ps(dst, s);
+        } else {
+            let mut sums = [0f32; 4];
+            _mm_storeu_ps(sums.as_mut_ptr(), s);
+            std::ptr::copy_nonoverlapping(sums.as_ptr(), dst, m);
+        }
+    }
+
+    /// `G` heads, `P` (2 or 4) positions at a time (`G·P` sums in flight); the caller checks
+    /// shapes.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn scores_f16<const G: usize, const P: usize>(
         k: &[f16],
@@ -428,9 +455,7 @@ mod x86 {
                 }
             }
             for (h, acc) in acc.iter().enumerate() {
-                for (j, a) in acc.iter().enumerate().take(m) {
-                    *op.add(h * stride + p + j) = scale * hsum(*a);
-                }
+                store_sums(acc, m, scale, op.add(h * stride + p));
             }
             p += m;
         }
@@ -509,9 +534,7 @@ mod x86 {
                 }
             }
             for (h, acc) in acc.iter().enumerate() {
-                for (j, a) in acc.iter().enumerate().take(m) {
-                    *op.add(h * stride + p + j) = scale * hsum(*a);
-                }
+                store_sums(acc, m, scale, op.add(h * stride + p));
             }
             p += m;
         }
