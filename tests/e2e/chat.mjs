@@ -220,6 +220,40 @@ await check("a dropped connection comes back by itself and the chat goes on", as
   await ctx.close();
 });
 
+await check("a tab follows version switches made in another tab, even after a refused reopen", async () => {
+  const ctx = await browser.newContext();
+  const a = await ctx.newPage();
+  let spoiled = 0; // the first reopen of tab A asks for a conversation that does not exist
+  await a.routeWebSocket(/\/ws$/, (ws) => {
+    const server = ws.connectToServer();
+    ws.onMessage((m) => {
+      const msg = JSON.parse(m);
+      if (msg.request_id === "reopen" && spoiled++ === 0) msg.conversation_id = crypto.randomUUID();
+      server.send(JSON.stringify(msg));
+    });
+  });
+  await a.goto(base);
+  await a.waitForSelector("#status:has-text('connected')");
+  await ask(a, "Name a color.");
+  await a.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
+  for (const n of [2, 3]) {
+    await a.locator("li.msg.assistant .meta button:has-text('Regenerate')").click();
+    await a.waitForSelector(`li.msg.assistant.complete .meta >> text=${n}/${n}`, { timeout: 60000 });
+  }
+  const b = await ctx.newPage();
+  await b.goto(`${base}/${new URL(a.url()).hash}`);
+  await b.waitForSelector("li.msg.assistant .meta >> text=3/3");
+  await b.locator("li.msg.assistant .meta button[aria-label='previous version']").click();
+  await b.waitForSelector("li.msg.assistant .meta >> text=2/3");
+  await a.waitForFunction(() => document.querySelector("#notice")?.textContent.includes("does not exist"));
+  assert(spoiled === 1, `the spoiled reopen was sent (${spoiled})`);
+  await b.locator("li.msg.assistant .meta button[aria-label='previous version']").click();
+  await b.waitForSelector("li.msg.assistant .meta >> text=1/3");
+  await a.waitForSelector("li.msg.assistant .meta >> text=1/3", { timeout: 15000 });
+  assert((await lastAnswer(a).innerText()) === (await lastAnswer(b).innerText()), "both tabs show the first version");
+  await ctx.close();
+});
+
 await check("markdown from the model renders inert: no script, no handler, no javascript: link", async () => {
   const ctx = await browser.newContext();
   await ctx.addCookies([{ name: "smolchat_token", value: xssToken, url: base }]);
