@@ -7,6 +7,7 @@
 //! - [`store`]: users, conversations and messages in SQLite.
 //! - [`fetch`]: getting the default model onto the machine.
 //! - [`bench`]: the engine benchmark behind `smolchat bench`.
+//! - [`load`]: simulated users over the real WebSocket, behind `smolchat load`.
 //! - [`cli`]: the command-line subcommands.
 
 pub mod actors;
@@ -14,6 +15,7 @@ pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod fetch;
+pub mod load;
 pub mod protocol;
 pub mod serve_sim;
 pub mod server;

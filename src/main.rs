@@ -181,6 +181,25 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
     },
+    /// Simulated users chatting at once over the WebSocket: throughput and latency as people
+    /// see them.
+    Load {
+        /// A running server (http://HOST:PORT); without it one is started here on loopback,
+        /// with the serve defaults, this model and a temporary data directory.
+        #[arg(long)]
+        url: Option<String>,
+        /// Users at once, one run per value.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
+        users: Vec<usize>,
+        /// Messages each user sends, one after the other in one conversation.
+        #[arg(long, default_value_t = 2)]
+        turns: usize,
+        /// Longest answer, in tokens.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Engine speed: prefill, decode, packed batches, peak memory.
     Bench {
         #[arg(long)]
@@ -203,6 +222,60 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 8, 16, 32])]
         concurrency: Vec<usize>,
     },
+}
+
+/// The server `serve` runs: the model loaded onto its device, the scheduler and the limits.
+fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::ServerConfig> {
+    let ServeArgs {
+        host,
+        port,
+        data_dir,
+        allow_origins,
+        max_running,
+        max_queue,
+        kv_budget_mb,
+        messages_per_minute,
+        concurrent_generations,
+    } = serve;
+    fetch_if_default(&args.model)?;
+    let placement = args.device.resolve()?;
+    let base = if placement.is_gpu() {
+        smolchat::actors::SchedulerConfig::gpu()
+    } else {
+        smolchat::actors::SchedulerConfig::cpu()
+    };
+    let scheduler = smolchat::actors::SchedulerConfig {
+        max_running: max_running.unwrap_or(base.max_running),
+        max_queue: max_queue.unwrap_or(base.max_queue),
+        kv_budget_bytes: kv_budget_mb.map_or(base.kv_budget_bytes, |mb| mb << 20),
+        ..base
+    };
+    let opts = LoadOptions {
+        placement,
+        kv_bytes: scheduler.kv_budget_bytes,
+        kv_format: args.kv_cache.into(),
+    };
+    let engine = std::sync::Arc::new(cli::load(&args.model, &opts)?);
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().or_else(|_| {
+        std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))
+    })?;
+    let limits = smolchat::server::Limits {
+        messages_per_minute,
+        concurrent_generations,
+        ..Default::default()
+    };
+    let config = smolchat::server::ServerConfig {
+        addr,
+        data_dir,
+        engine,
+        scheduler,
+        limits,
+        allowed_origins: allow_origins,
+        session_idle: std::time::Duration::from_secs(300),
+    };
+    Ok(config)
 }
 
 fn main() {
@@ -228,57 +301,57 @@ fn run(mut args: Args) -> Result<()> {
         .take()
         .unwrap_or_else(|| Command::Serve(ServeArgs::default()));
     match command {
-        Command::Serve(ServeArgs {
-            host,
-            port,
-            data_dir,
-            allow_origins,
-            max_running,
-            max_queue,
-            kv_budget_mb,
-            messages_per_minute,
-            concurrent_generations,
-        }) => {
-            fetch_if_default(&args.model)?;
-            let placement = args.device.resolve()?;
-            let base = if placement.is_gpu() {
-                smolchat::actors::SchedulerConfig::gpu()
-            } else {
-                smolchat::actors::SchedulerConfig::cpu()
-            };
-            let scheduler = smolchat::actors::SchedulerConfig {
-                max_running: max_running.unwrap_or(base.max_running),
-                max_queue: max_queue.unwrap_or(base.max_queue),
-                kv_budget_bytes: kv_budget_mb.map_or(base.kv_budget_bytes, |mb| mb << 20),
-                ..base
-            };
-            let opts = LoadOptions {
-                placement,
-                kv_bytes: scheduler.kv_budget_bytes,
-                kv_format: args.kv_cache.into(),
-            };
-            let engine = std::sync::Arc::new(cli::load(&args.model, &opts)?);
-            let addr: std::net::SocketAddr = format!("{host}:{port}").parse().or_else(|_| {
-                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
-                    .next()
-                    .ok_or_else(|| std::io::Error::other("no address"))
-            })?;
-            let limits = smolchat::server::Limits {
-                messages_per_minute,
-                concurrent_generations,
-                ..Default::default()
-            };
-            let config = smolchat::server::ServerConfig {
-                addr,
-                data_dir,
-                engine,
-                scheduler,
-                limits,
-                allowed_origins: allow_origins,
-                session_idle: std::time::Duration::from_secs(300),
-            };
+        Command::Serve(serve) => {
+            let config = server_config(&args, serve)?;
             runtime()?.block_on(smolchat::server::run(config))
         }
+        Command::Load {
+            url,
+            users,
+            turns,
+            max_tokens,
+            json,
+        } => runtime()?.block_on(async {
+            // Without a URL: a server of our own on a free loopback port, dropped at the end.
+            let (url, own) = match url {
+                Some(u) => (u, None),
+                None => {
+                    let dir =
+                        std::env::temp_dir().join(format!("smolchat-load-{}", std::process::id()));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let config = server_config(
+                        &args,
+                        ServeArgs {
+                            port: 0,
+                            data_dir: dir.clone(),
+                            ..ServeArgs::default()
+                        },
+                    )?;
+                    let server = smolchat::server::start(config).await?;
+                    (format!("http://{}", server.addr), Some((server, dir)))
+                }
+            };
+            let mut rows = Vec::new();
+            for n in users {
+                let row = smolchat::load::run_level(&url, n, turns, max_tokens).await?;
+                tracing::info!(
+                    users = n,
+                    tokens_per_second = row.aggregate_tokens_per_second,
+                    "load"
+                );
+                rows.push(row);
+            }
+            if let Some((server, dir)) = own {
+                server.shutdown().await;
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                print!("{}", smolchat::load::table(&rows));
+            }
+            Ok(())
+        }),
         Command::Token { data_dir } => runtime()?.block_on(async {
             std::fs::create_dir_all(&data_dir)?;
             let store = smolchat::store::Store::open(&data_dir.join("smolchat.db")).await?;

@@ -44,16 +44,18 @@ struct JobTrace {
     tokens: usize,
 }
 
+/// What simulated users ask.
+pub(crate) const ASKS: [&str; 6] = [
+    "Write a short poem about the sea.",
+    "Explain how a bicycle works to a child.",
+    "Give me three ideas for a rainy Sunday.",
+    "What should I pack for a weekend of hiking?",
+    "Describe your favourite kind of bread and why.",
+    "Tell me a story about an owl who could not sleep.",
+];
+
 fn prompt(engine: &Engine, i: usize) -> Vec<u32> {
-    let asks = [
-        "Write a short poem about the sea.",
-        "Explain how a bicycle works to a child.",
-        "Give me three ideas for a rainy Sunday.",
-        "What should I pack for a weekend of hiking?",
-        "Describe your favourite kind of bread and why.",
-        "Tell me a story about an owl who could not sleep.",
-    ];
-    let msg = format!("{} (request {i})", asks[i % asks.len()]);
+    let msg = format!("{} (request {i})", ASKS[i % ASKS.len()]);
     engine
         .render_chat(&[ChatMessage::new("user", &msg)], true, None)
         .map(|r| r.1)
@@ -116,7 +118,8 @@ async fn run_job(
     trace
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+/// The `p` quantile of `v` seconds, in ms (0 for none).
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

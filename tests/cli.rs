@@ -189,3 +189,85 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// `smolchat load --json`'s rows, checked for `users × turns` finished turns and no failure.
+fn load_rows(out: &Output, users: u64, turns: u64, max_tokens: u64) {
+    let rows = last_json(out);
+    let rows = rows.as_array().expect("a list of rows");
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(r["users"], users);
+    assert_eq!(r["turns_done"], users * turns, "{r}");
+    assert_eq!(r["turns_failed"], 0, "{r}");
+    let tokens = r["tokens"].as_u64().unwrap();
+    assert!(tokens > 0 && tokens <= users * turns * max_tokens, "{r}");
+    assert!(r["ttft_p50_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["aggregate_tokens_per_second"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+}
+
+#[test]
+fn load_chats_as_several_users_over_the_websocket_of_its_own_server() {
+    let out = smolchat(&[
+        "load",
+        "--users",
+        "3",
+        "--turns",
+        "2",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    load_rows(&out, 3, 2, 8);
+}
+
+#[test]
+fn load_reaches_a_server_running_elsewhere_and_refuses_what_it_cannot_reach() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("smolchat-cli-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut server = Command::new(env!("CARGO_BIN_EXE_smolchat"))
+        .args(["--model", common::default_model_path().to_str().unwrap()])
+        .args(["serve", "--port", &port.to_string(), "--data-dir"])
+        .arg(&dir)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let up = (0..600).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    let out = up.then(|| {
+        smolchat(&[
+            "load",
+            "--url",
+            &url,
+            "--users",
+            "2",
+            "--turns",
+            "1",
+            "--max-tokens",
+            "8",
+            "--json",
+        ])
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(up, "the server listened within 60 s");
+    load_rows(&out.unwrap(), 2, 1, 8);
+
+    let tls = smolchat(&["load", "--url", "https://example.org"]);
+    assert!(!tls.status.success());
+    assert!(String::from_utf8_lossy(&tls.stderr).contains("TLS"));
+    let nobody = smolchat(&["load", "--url", &url, "--users", "1"]);
+    assert!(!nobody.status.success(), "nothing listens there any more");
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("connecting to"));
+}
