@@ -5,6 +5,7 @@
 //! reports the aggregate tokens/s, time to first token (from `send` to the first `delta`),
 //! inter-token gaps, and how many turns ended otherwise (`busy`, an error, a dropped socket).
 //! It measures everything between the socket and the model: sessions, the store, the actors.
+//! Against a server elsewhere (`--url`), the simulated users and their conversations stay there.
 
 use std::time::{Duration, Instant};
 
@@ -24,15 +25,23 @@ type Ws =
 /// What one number of users saw.
 #[derive(Debug, Serialize)]
 pub struct LoadRow {
+    /// Users chatting at once.
     pub users: usize,
+    /// Turns whose answer completed.
     pub turns_done: usize,
-    /// Turns refused with `busy`, failed with an error, or cut by a dropped socket.
+    /// Turns refused (`busy`, a limit), failed with an error, cut by a dropped socket, or never
+    /// sent because their user had stopped: `turns_done + turns_failed = users × turns`.
     pub turns_failed: usize,
+    /// Answer tokens, as the finished messages count them.
     pub tokens: usize,
+    /// From the first user's start to the last one's end (connecting and creating included).
     pub seconds: f64,
+    /// `tokens / seconds`.
     pub aggregate_tokens_per_second: f64,
+    /// From `send` to the answer's first `delta`.
     pub ttft_p50_ms: f64,
     pub ttft_p95_ms: f64,
+    /// Between an answer's `delta` frames (a frame carries one token's text or more).
     pub itl_p50_ms: f64,
     pub itl_p95_ms: f64,
 }
@@ -43,7 +52,6 @@ struct UserTrace {
     gaps: Vec<f64>,
     tokens: usize,
     done: usize,
-    failed: usize,
 }
 
 /// `host:port` of an `http://host:port` (or bare `host:port`) address.
@@ -70,14 +78,21 @@ async fn visit(host: &str) -> Result<String> {
     s.write_all(req.as_bytes()).await?;
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
         let n = s.read(&mut buf).await?;
         if n == 0 || head.len() > 64 << 10 {
-            break;
+            bail!("{host} sent no HTTP response head");
         }
         head.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&head[..end]);
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("GET / on {host}: {status}");
     }
-    let head = String::from_utf8_lossy(&head);
     head.lines()
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
@@ -86,6 +101,7 @@ async fn visit(host: &str) -> Result<String> {
         .with_context(|| format!("{host} gave no cookie on GET /"))
 }
 
+/// The next JSON frame (pings skipped); an error if the socket ends or stays quiet for 300 s.
 async fn next(ws: &mut Ws) -> Result<Value> {
     loop {
         match tokio::time::timeout(Duration::from_secs(300), ws.next()).await {
@@ -99,6 +115,7 @@ async fn next(ws: &mut Ws) -> Result<Value> {
     }
 }
 
+/// Frames up to the first of type `ty`; an error frame on the way is an error.
 async fn until(ws: &mut Ws, ty: &str) -> Result<Value> {
     loop {
         let v = next(ws).await?;
@@ -111,9 +128,15 @@ async fn until(ws: &mut Ws, ty: &str) -> Result<Value> {
     }
 }
 
-/// One user: a conversation and `turns` messages in it.
-async fn user(host: String, u: usize, turns: usize, max_tokens: usize) -> Result<UserTrace> {
-    let cookie = visit(&host).await?;
+/// One user: a conversation and `turns` messages in it, recorded into `trace` as they end.
+async fn user(
+    host: &str,
+    u: usize,
+    turns: usize,
+    max_tokens: usize,
+    trace: &mut UserTrace,
+) -> Result<()> {
+    let cookie = visit(host).await?;
     let mut req = format!("ws://{host}/ws").into_client_request()?;
     req.headers_mut().insert("cookie", cookie.parse()?);
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
@@ -126,45 +149,54 @@ async fn user(host: String, u: usize, turns: usize, max_tokens: usize) -> Result
     ws.send(Message::Text(open.to_string().into())).await?;
     until(&mut ws, "snapshot").await?;
 
-    let mut trace = UserTrace::default();
+    // A turn ends with its answer's `message_done`, or with the `error` that answers its
+    // request (a refusal: `busy`, a limit). Frames of other answers are not counted.
+    let turn_limit = Duration::from_secs(120 + max_tokens as u64);
     for turn in 0..turns {
         let content = format!("{} (user {u}, turn {turn})", ASKS[(u + turn) % ASKS.len()]);
-        let send = json!({"type": "send", "conversation_id": id, "content": content});
+        let rid = format!("turn-{turn}");
+        let send =
+            json!({"type": "send", "conversation_id": id, "content": content, "request_id": rid});
         let t0 = Instant::now();
         ws.send(Message::Text(send.to_string().into())).await?;
-        let mut last: Option<Instant> = None;
-        loop {
-            let v = next(&mut ws).await?;
-            match v["type"].as_str() {
-                Some("delta") => {
-                    let now = Instant::now();
-                    match last {
-                        None => trace.ttft.push((now - t0).as_secs_f64()),
-                        Some(l) => trace.gaps.push((now - l).as_secs_f64()),
+        let (mut answer, mut last) = (Value::Null, None::<Instant>);
+        let done = tokio::time::timeout(turn_limit, async {
+            loop {
+                let v = next(&mut ws).await?;
+                if v["conversation_id"] != Value::Null && v["conversation_id"] != id {
+                    continue;
+                }
+                match v["type"].as_str() {
+                    Some("error") if v["request_id"] == rid.as_str() => {
+                        tracing::debug!(user = u, turn, event = %v, "turn refused");
+                        return anyhow::Ok(false);
                     }
-                    last = Some(now);
-                }
-                Some("message_done") => {
-                    let m = &v["message"];
-                    trace.tokens += m["completion_tokens"].as_u64().unwrap_or(0) as usize;
-                    if m["status"] == "complete" {
-                        trace.done += 1;
-                    } else {
-                        trace.failed += 1;
+                    Some("message_started") => answer = v["message"]["id"].clone(),
+                    Some("delta") if answer != Value::Null && v["message_id"] == answer => {
+                        let now = Instant::now();
+                        match last {
+                            None => trace.ttft.push((now - t0).as_secs_f64()),
+                            Some(l) => trace.gaps.push((now - l).as_secs_f64()),
+                        }
+                        last = Some(now);
                     }
-                    break;
+                    Some("message_done")
+                        if answer != Value::Null && v["message"]["id"] == answer =>
+                    {
+                        let m = &v["message"];
+                        trace.tokens += m["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                        return Ok(m["status"] == "complete");
+                    }
+                    _ => {}
                 }
-                Some("busy") | Some("error") => {
-                    tracing::debug!(user = u, turn, event = %v, "turn refused");
-                    trace.failed += 1;
-                    break;
-                }
-                _ => {}
             }
-        }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("turn {turn} took longer than {turn_limit:?}"))??;
+        trace.done += usize::from(done);
     }
     let _ = ws.close(None).await;
-    Ok(trace)
+    Ok(())
 }
 
 /// Runs `users` users at once against the server at `url`.
@@ -181,24 +213,27 @@ pub async fn run_level(
         .with_context(|| format!("connecting to {host}"))?;
     let start = Instant::now();
     let tasks: Vec<_> = (0..users)
-        .map(|u| tokio::spawn(user(host.clone(), u, turns, max_tokens)))
+        .map(|u| {
+            let host = host.clone();
+            tokio::spawn(async move {
+                let mut trace = UserTrace::default();
+                if let Err(e) = user(&host, u, turns, max_tokens, &mut trace).await {
+                    tracing::warn!(user = u, error = %e, "a simulated user stopped");
+                }
+                trace
+            })
+        })
         .collect();
     let (mut ttft, mut gaps) = (Vec::new(), Vec::new());
     let (mut tokens, mut done, mut failed) = (0, 0, 0);
     for t in tasks {
-        match t.await? {
-            Ok(tr) => {
-                ttft.extend(tr.ttft);
-                gaps.extend(tr.gaps);
-                tokens += tr.tokens;
-                done += tr.done;
-                failed += tr.failed;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "a simulated user stopped");
-                failed += 1;
-            }
-        }
+        // A user that stopped early (or panicked) fails the turns it did not finish.
+        let tr = t.await.unwrap_or_default();
+        ttft.extend(tr.ttft);
+        gaps.extend(tr.gaps);
+        tokens += tr.tokens;
+        done += tr.done;
+        failed += turns - tr.done;
     }
     let seconds = start.elapsed().as_secs_f64();
     Ok(LoadRow {
@@ -207,7 +242,7 @@ pub async fn run_level(
         turns_failed: failed,
         tokens,
         seconds,
-        aggregate_tokens_per_second: tokens as f64 / seconds,
+        aggregate_tokens_per_second: tokens as f64 / seconds.max(1e-9),
         ttft_p50_ms: percentile(&mut ttft, 0.5),
         ttft_p95_ms: percentile(&mut ttft, 0.95),
         itl_p50_ms: percentile(&mut gaps, 0.5),

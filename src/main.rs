@@ -70,10 +70,11 @@ struct ServeArgs {
     #[arg(long = "allow-origin")]
     allow_origins: Vec<String>,
     /// Sequences decoding together at most (default: 16 on the CPU, 128 on a GPU).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_running: Option<usize>,
-    /// Requests waiting for a slot at most; beyond, `busy` (default: 64 CPU, 512 GPU).
-    #[arg(long)]
+    /// Requests waiting for a slot at most; beyond, `busy` (default: 64 CPU, 512 GPU). At least
+    /// 1: every request passes through the queue on its way to a slot.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_queue: Option<usize>,
     /// Memory for all KV caches, MB (default: 1024 on the CPU, 16384 on a GPU).
     #[arg(long)]
@@ -189,14 +190,18 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
         /// Users at once, one run per value.
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32],
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
         users: Vec<usize>,
         /// Messages each user sends, one after the other in one conversation.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000))]
         turns: usize,
         /// Longest answer, in tokens.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8192))]
         max_tokens: usize,
+        /// The rows as one JSON list on the last line of stdout.
         #[arg(long)]
         json: bool,
     },
@@ -331,20 +336,23 @@ fn run(mut args: Args) -> Result<()> {
                     (format!("http://{}", server.addr), Some((server, dir)))
                 }
             };
-            let mut rows = Vec::new();
-            for n in users {
-                let row = smolchat::load::run_level(&url, n, turns, max_tokens).await?;
-                tracing::info!(
-                    users = n,
-                    tokens_per_second = row.aggregate_tokens_per_second,
-                    "load"
-                );
-                rows.push(row);
+            let rows = async {
+                let mut rows = Vec::new();
+                for &n in &users {
+                    let row = smolchat::load::run_level(&url, n, turns, max_tokens).await?;
+                    let rate = row.aggregate_tokens_per_second;
+                    tracing::info!(users = n, tokens_per_second = rate, "load");
+                    rows.push(row);
+                }
+                anyhow::Ok(rows)
             }
+            .await;
+            // Our own server goes, and its data with it, whatever happened.
             if let Some((server, dir)) = own {
                 server.shutdown().await;
                 let _ = std::fs::remove_dir_all(dir);
             }
+            let rows = rows?;
             if json {
                 println!("{}", serde_json::to_string(&rows)?);
             } else {

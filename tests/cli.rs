@@ -232,41 +232,68 @@ fn load_reaches_a_server_running_elsewhere_and_refuses_what_it_cannot_reach() {
         .port();
     let dir = std::env::temp_dir().join(format!("smolchat-cli-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut server = Command::new(env!("CARGO_BIN_EXE_smolchat"))
-        .args(["--model", common::default_model_path().to_str().unwrap()])
-        .args(["serve", "--port", &port.to_string(), "--data-dir"])
-        .arg(&dir)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the server");
-    let up = (0..600).any(|_| {
+    /// The `serve` process, stopped however the test ends.
+    struct Server(std::process::Child, std::path::PathBuf);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let log = dir.with_extension("log");
+    let server = Server(
+        Command::new(env!("CARGO_BIN_EXE_smolchat"))
+            .args(["--model", common::default_model_path().to_str().unwrap()])
+            .args(["serve", "--port", &port.to_string(), "--data-dir"])
+            .arg(&dir)
+            // One answer at a time and one waiting: the rest are refused with `busy`.
+            .args(["--max-running", "1", "--max-queue", "1"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the server"),
+        dir,
+    );
+    let up = (0..1200).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(100));
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     let url = format!("http://127.0.0.1:{port}");
-    let out = up.then(|| {
+    assert!(
+        up,
+        "the server listened within 120 s: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let load = |users: &str, turns: &str, max_tokens: &str| {
         smolchat(&[
             "load",
             "--url",
             &url,
             "--users",
-            "2",
+            users,
             "--turns",
-            "1",
+            turns,
             "--max-tokens",
-            "8",
+            max_tokens,
             "--json",
         ])
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(up, "the server listened within 60 s");
-    load_rows(&out.unwrap(), 2, 1, 8);
+    };
+    load_rows(&load("1", "2", "8"), 1, 2, 8);
+    // Four at once against one slot and one place in the queue: some are answered, the others
+    // refused, and every turn is counted once.
+    let out = load("4", "1", "64");
+    let row = &last_json(&out)[0];
+    let done = row["turns_done"].as_u64().unwrap();
+    let failed = row["turns_failed"].as_u64().unwrap();
+    assert!(done >= 1 && failed >= 1 && done + failed == 4, "{row}");
+    drop(server);
+    let _ = std::fs::remove_file(&log);
 
     let tls = smolchat(&["load", "--url", "https://example.org"]);
     assert!(!tls.status.success());
     assert!(String::from_utf8_lossy(&tls.stderr).contains("TLS"));
+    let bad = smolchat(&["load", "--users", "0"]);
+    assert!(!bad.status.success(), "no users is refused");
     let nobody = smolchat(&["load", "--url", &url, "--users", "1"]);
     assert!(!nobody.status.success(), "nothing listens there any more");
     assert!(String::from_utf8_lossy(&nobody.stderr).contains("connecting to"));

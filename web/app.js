@@ -398,11 +398,14 @@ $("settings-toggle").onclick = () => { $("settings").hidden = !$("settings").hid
 $("toggle-sidebar").onclick = () => document.body.classList.toggle("show-sidebar");
 $("save-settings").onclick = async () => {
   if (!state.current) return;
+  const old = state.conversation.settings;
+  // An empty field keeps what is saved (Number("") would be 0).
+  const num = (id, was) => ($(id).value.trim() === "" ? was : Number($(id).value));
   const settings = {
-    ...state.conversation.settings,
-    temperature: Number($("temperature").value),
-    top_p: Number($("top-p").value),
-    max_tokens: Number($("max-tokens").value),
+    ...old,
+    temperature: num("temperature", old.temperature),
+    top_p: num("top-p", old.top_p),
+    max_tokens: num("max-tokens", old.max_tokens),
   };
   const r = await fetch(`/api/conversations/${state.current}`, {
     method: "PATCH",
@@ -416,8 +419,7 @@ $("save-settings").onclick = async () => {
     const text = await r.text();
     let message = text;
     try { message = JSON.parse(text).message || text; } catch {}
-    notice(message, true);
-    fillSettings(); // back to what is saved
+    notice(message, true); // the fields keep what was typed, to be corrected
   }
 };
 let searchTimer;

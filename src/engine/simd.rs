@@ -402,6 +402,7 @@ mod x86 {
     /// through `hadd`, rather than one by one.
     #[inline(always)]
     unsafe fn store_sums<const P: usize>(acc: &[__m256; P], m: usize, scale: f32, dst: *mut f32) {
+        const { assert!(P == 2 || P == 4) };
         let t = if P == 4 {
             _mm256_hadd_ps(
                 _mm256_hadd_ps(acc[0], acc[1]),
