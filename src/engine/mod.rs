@@ -73,7 +73,6 @@ pub struct Engine {
     pub template: Option<ChatTemplate>,
     /// Tokens that end a generation (EOS, `<|im_end|>`, …).
     pub end_of_generation: Vec<u32>,
-    pub file: gguf::GgufFile,
 }
 
 impl Engine {
@@ -170,7 +169,6 @@ impl Engine {
             tokenizer,
             template,
             end_of_generation,
-            file,
         })
     }
 
