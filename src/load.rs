@@ -128,6 +128,10 @@ async fn until(ws: &mut Ws, ty: &str) -> Result<Value> {
     }
 }
 
+async fn send(ws: &mut Ws, msg: Value) -> Result<()> {
+    Ok(ws.send(Message::Text(msg.to_string().into())).await?)
+}
+
 /// One user: a conversation and `turns` messages in it, recorded into `trace` as they end.
 async fn user(
     host: &str,
@@ -141,62 +145,67 @@ async fn user(
     req.headers_mut().insert("cookie", cookie.parse()?);
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
     until(&mut ws, "hello").await?;
-    let create = json!({"type": "create", "settings": {"max_tokens": max_tokens}});
-    ws.send(Message::Text(create.to_string().into())).await?;
+    send(
+        &mut ws,
+        json!({"type": "create", "settings": {"max_tokens": max_tokens}}),
+    )
+    .await?;
     let created = until(&mut ws, "conversation_created").await?;
     let id = created["conversation"]["id"].clone();
-    let open = json!({"type": "open", "conversation_id": id});
-    ws.send(Message::Text(open.to_string().into())).await?;
+    send(&mut ws, json!({"type": "open", "conversation_id": id})).await?;
     until(&mut ws, "snapshot").await?;
 
-    // A turn ends with its answer's `message_done`, or with the `error` that answers its
-    // request (a refusal: `busy`, a limit). Frames of other answers are not counted.
-    let turn_limit = Duration::from_secs(120 + max_tokens as u64);
+    let limit = Duration::from_secs(120 + max_tokens as u64);
     for turn in 0..turns {
         let content = format!("{} (user {u}, turn {turn})", ASKS[(u + turn) % ASKS.len()]);
         let rid = format!("turn-{turn}");
-        let send =
+        let ask =
             json!({"type": "send", "conversation_id": id, "content": content, "request_id": rid});
-        let t0 = Instant::now();
-        ws.send(Message::Text(send.to_string().into())).await?;
-        let (mut answer, mut last) = (Value::Null, None::<Instant>);
-        let done = tokio::time::timeout(turn_limit, async {
-            loop {
-                let v = next(&mut ws).await?;
-                if v["conversation_id"] != Value::Null && v["conversation_id"] != id {
-                    continue;
-                }
-                match v["type"].as_str() {
-                    Some("error") if v["request_id"] == rid.as_str() => {
-                        tracing::debug!(user = u, turn, event = %v, "turn refused");
-                        return anyhow::Ok(false);
-                    }
-                    Some("message_started") => answer = v["message"]["id"].clone(),
-                    Some("delta") if answer != Value::Null && v["message_id"] == answer => {
-                        let now = Instant::now();
-                        match last {
-                            None => trace.ttft.push((now - t0).as_secs_f64()),
-                            Some(l) => trace.gaps.push((now - l).as_secs_f64()),
-                        }
-                        last = Some(now);
-                    }
-                    Some("message_done")
-                        if answer != Value::Null && v["message"]["id"] == answer =>
-                    {
-                        let m = &v["message"];
-                        trace.tokens += m["completion_tokens"].as_u64().unwrap_or(0) as usize;
-                        return Ok(m["status"] == "complete");
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("turn {turn} took longer than {turn_limit:?}"))??;
+        let done = tokio::time::timeout(limit, one_turn(&mut ws, ask, trace))
+            .await
+            .map_err(|_| anyhow::anyhow!("turn {turn} took longer than {limit:?}"))??;
         trace.done += usize::from(done);
     }
     let _ = ws.close(None).await;
     Ok(())
+}
+
+/// Sends `ask` and follows it: to the `error` that answers its request (a refusal: `busy`, a
+/// limit), or to its answer's `message_done`. Frames of other conversations and answers are
+/// not counted. Returns whether the answer completed.
+async fn one_turn(ws: &mut Ws, ask: Value, trace: &mut UserTrace) -> Result<bool> {
+    let (conversation, rid) = (ask["conversation_id"].clone(), ask["request_id"].clone());
+    let t0 = Instant::now();
+    send(ws, ask).await?;
+    let (mut answer, mut last) = (Value::Null, None::<Instant>);
+    loop {
+        let v = next(ws).await?;
+        if !v["conversation_id"].is_null() && v["conversation_id"] != conversation {
+            continue;
+        }
+        let ours = !answer.is_null() && (v["message_id"] == answer || v["message"]["id"] == answer);
+        match v["type"].as_str() {
+            Some("error") if v["request_id"] == rid => {
+                tracing::debug!(event = %v, "turn refused");
+                return Ok(false);
+            }
+            Some("message_started") => answer = v["message"]["id"].clone(),
+            Some("delta") if ours => {
+                let now = Instant::now();
+                match last {
+                    None => trace.ttft.push((now - t0).as_secs_f64()),
+                    Some(l) => trace.gaps.push((now - l).as_secs_f64()),
+                }
+                last = Some(now);
+            }
+            Some("message_done") if ours => {
+                let m = &v["message"];
+                trace.tokens += m["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                return Ok(m["status"] == "complete");
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Runs `users` users at once against the server at `url`.

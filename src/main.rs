@@ -37,6 +37,11 @@ struct Args {
     command: Option<Command>,
 }
 
+/// A count that clap checks against `range`.
+fn within(range: impl std::ops::RangeBounds<u64>) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(range)
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum KvCache {
     F16,
@@ -70,11 +75,11 @@ struct ServeArgs {
     #[arg(long = "allow-origin")]
     allow_origins: Vec<String>,
     /// Sequences decoding together at most (default: 16 on the CPU, 128 on a GPU).
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, value_parser = within(1..))]
     max_running: Option<usize>,
     /// Requests waiting for a slot at most; beyond, `busy` (default: 64 CPU, 512 GPU). At least
     /// 1: every request passes through the queue on its way to a slot.
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, value_parser = within(1..))]
     max_queue: Option<usize>,
     /// Memory for all KV caches, MB (default: 1024 on the CPU, 16384 on a GPU).
     #[arg(long)]
@@ -191,15 +196,15 @@ enum Command {
         url: Option<String>,
         /// Users at once, one run per value.
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32],
-              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+              value_parser = within(1..=10_000))]
         users: Vec<usize>,
         /// Messages each user sends, one after the other in one conversation.
         #[arg(long, default_value_t = 2,
-              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000))]
+              value_parser = within(1..=1_000))]
         turns: usize,
         /// Longest answer, in tokens.
         #[arg(long, default_value_t = 64,
-              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8192))]
+              value_parser = within(1..=8192))]
         max_tokens: usize,
         /// The rows as one JSON list on the last line of stdout.
         #[arg(long)]

@@ -348,6 +348,19 @@ impl SessionState {
         ))
     }
 
+    /// Every version under `parent` (oldest first), for a `message` just stored there. The
+    /// message is stored and may be running: a failed look-up only shortens the list shown.
+    async fn versions(&self, parent: Option<MessageId>, message: MessageId) -> Vec<MessageId> {
+        let s = &self.args;
+        s.store
+            .children(s.owner, s.conversation, parent)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "listing a message's versions failed");
+                vec![message]
+            })
+    }
+
     async fn send(
         &mut self,
         myself: &ActorRef<SessionMsg>,
@@ -388,15 +401,7 @@ impl SessionState {
                 MessageStatus::Complete,
             )
             .await?;
-        // The message is stored: a failed look-up of its versions only shortens the list shown.
-        let siblings = s
-            .store
-            .children(s.owner, s.conversation, parent)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "listing a message's versions failed");
-                vec![user.id]
-            });
+        let siblings = self.versions(parent, user.id).await;
         self.broadcast(SessionEvent::UserMessage {
             message: user.clone(),
             siblings,
@@ -552,15 +557,7 @@ impl SessionState {
             last_checkpoint: Instant::now(),
             stopped: false,
         });
-        // The job runs and `active` is set: failing here would leave the answer unowned.
-        let siblings = s
-            .store
-            .children(s.owner, s.conversation, Some(user))
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "listing an answer's versions failed");
-                vec![message.id]
-            });
+        let siblings = self.versions(Some(user), message.id).await;
         self.broadcast(SessionEvent::MessageStarted { message, siblings });
         let me = myself.clone();
         tokio::spawn(async move {

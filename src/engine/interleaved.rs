@@ -96,33 +96,36 @@ pub type GroupKernel = unsafe fn(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32;
 #[cfg(target_arch = "x86_64")]
 pub fn kernel(ty: GgmlType) -> Option<GroupKernel> {
     use std::arch::is_x86_feature_detected as has;
-    if !super::simd::has_avx2() {
-        return None;
-    }
-    let q8 = ty == GgmlType::Q8_0;
-    Some(if has!("avxvnni") {
-        if q8 {
-            vnni::dot_group_q8_0
+    // Q4 and Q8_0 kernels of the best instruction set, chosen once.
+    static PICKED: std::sync::OnceLock<Option<[GroupKernel; 2]>> = std::sync::OnceLock::new();
+    let picked = PICKED.get_or_init(|| {
+        if !super::simd::has_avx2() {
+            None
+        } else if has!("avxvnni") {
+            Some([vnni::dot_group, vnni::dot_group_q8_0])
+        } else if has!("avx512vnni") && has!("avx512vl") {
+            Some([vnni512::dot_group, vnni512::dot_group_q8_0])
         } else {
-            vnni::dot_group
+            Some([avx2::dot_group, avx2::dot_group_q8_0])
         }
-    } else if has!("avx512vnni") && has!("avx512vl") {
-        if q8 {
-            vnni512::dot_group_q8_0
-        } else {
-            vnni512::dot_group
-        }
-    } else if q8 {
-        avx2::dot_group_q8_0
-    } else {
-        avx2::dot_group
-    })
+    });
+    picked.map(|k| k[usize::from(ty == GgmlType::Q8_0)])
 }
 
 /// The kernels of each instruction set, from one body. `$acc` adds the dot products of 4
 /// unsigned by 4 signed bytes to 32-bit lanes; `$acc16`/`$wide` do the same for Q4 nibbles,
 /// whose sums may gather in 16 bits first and widen once per block.
 macro_rules! group_kernels {
+    // VNNI: `$dpbusd` accumulates straight into 32 bits, for Q4 and Q8_0 alike.
+    ($module:ident, $features:literal, vnni = $dpbusd:ident) => {
+        group_kernels!(
+            $module,
+            $features,
+            acc(a, u, s) = $dpbusd(a, u, s),
+            acc16(a, u, s) = $dpbusd(a, u, s),
+            wide(w) = w
+        );
+    };
     (
         $module:ident, $features:literal,
         acc($a:ident, $u:ident, $s:ident) = $acc:expr,
@@ -255,16 +258,12 @@ group_kernels!(
 group_kernels!(
     vnni,
     "avx2,fma,f16c,avxvnni",
-    acc(a, u, s) = _mm256_dpbusd_avx_epi32(a, u, s),
-    acc16(a, u, s) = _mm256_dpbusd_avx_epi32(a, u, s),
-    wide(w) = w
+    vnni = _mm256_dpbusd_avx_epi32
 );
 group_kernels!(
     vnni512,
     "avx2,fma,f16c,avx512vnni,avx512vl",
-    acc(a, u, s) = _mm256_dpbusd_epi32(a, u, s),
-    acc16(a, u, s) = _mm256_dpbusd_epi32(a, u, s),
-    wide(w) = w
+    vnni = _mm256_dpbusd_epi32
 );
 
 #[cfg(all(test, target_arch = "x86_64"))]

@@ -425,107 +425,72 @@ mod x86 {
         }
     }
 
-    /// `G` heads, `P` (2 or 4) positions at a time (`G·P` sums in flight); the caller checks
-    /// shapes.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores_f16<const G: usize, const P: usize>(
-        k: &[f16],
-        q: &[f32],
-        hd: usize,
-        scale: f32,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        let n = k.len() / hd;
-        let chunks = hd / 8;
-        let (kp, qp, op) = (k.as_ptr() as *const __m128i, q.as_ptr(), out.as_mut_ptr());
-        let mut p = 0;
-        while p < n {
-            let m = P.min(n - p);
-            let mut acc = [[_mm256_setzero_ps(); P]; G];
-            for c in 0..chunks {
-                let mut kv = [_mm256_setzero_ps(); P];
-                for (j, kv) in kv.iter_mut().enumerate().take(m) {
-                    *kv = _mm256_cvtph_ps(_mm_loadu_si128(kp.add((p + j) * chunks + c)));
-                }
-                for (h, acc) in acc.iter_mut().enumerate() {
-                    let qv = _mm256_loadu_ps(qp.add(h * hd + c * 8));
-                    for (a, kv) in acc.iter_mut().zip(&kv) {
-                        *a = _mm256_fmadd_ps(*kv, qv, *a);
-                    }
-                }
-            }
-            for (h, acc) in acc.iter().enumerate() {
-                store_sums(acc, m, scale, op.add(h * stride + p));
-            }
-            p += m;
+    /// K or V rows of one head as the attention kernels read them, eight values at a time.
+    trait Rows {
+        /// The `c`-th eight values of row `p`, as floats, before the row's scale.
+        unsafe fn eights(&self, p: usize, c: usize) -> __m256;
+        /// The scale of those eight values (shared by the 4 eights of a 32-value group).
+        unsafe fn scale(&self, p: usize, c: usize) -> f32;
+    }
+
+    /// f16 rows of `chunks` eights.
+    struct F16Rows {
+        at: *const __m128i,
+        chunks: usize,
+    }
+
+    impl Rows for F16Rows {
+        #[inline(always)]
+        unsafe fn eights(&self, p: usize, c: usize) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(self.at.add(p * self.chunks + c)))
+        }
+        #[inline(always)]
+        unsafe fn scale(&self, _: usize, _: usize) -> f32 {
+            1.0
         }
     }
 
-    /// `G` heads, `C` eights of columns at a time (`G·C` sums in flight), positions in order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_sum_f16<const G: usize, const C: usize>(
-        v: &[f16],
-        w: &[f32],
+    /// Signed-byte rows of `hd` values with one scale per 32.
+    struct Q8Rows {
+        q: *const i8,
+        d: *const f32,
         hd: usize,
-        stride: usize,
-        out: &mut [f32],
-    ) {
-        let n = v.len() / hd;
-        let chunks = hd / 8;
-        let (vp, wp, op) = (v.as_ptr() as *const __m128i, w.as_ptr(), out.as_mut_ptr());
-        for c0 in (0..chunks).step_by(C) {
-            let mut acc = [[_mm256_setzero_ps(); C]; G];
-            for p in 0..n {
-                let mut vv = [_mm256_setzero_ps(); C];
-                for (c, vv) in vv.iter_mut().enumerate() {
-                    *vv = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(p * chunks + c0 + c)));
-                }
-                for (h, acc) in acc.iter_mut().enumerate() {
-                    let wv = _mm256_set1_ps(*wp.add(h * stride + p));
-                    for c in 0..C {
-                        acc[c] = _mm256_fmadd_ps(vv[c], wv, acc[c]);
-                    }
-                }
-            }
-            for (h, acc) in acc.iter().enumerate() {
-                for (c, a) in acc.iter().enumerate() {
-                    let o = op.add(h * hd + (c0 + c) * 8);
-                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *a));
-                }
-            }
+    }
+
+    impl Rows for Q8Rows {
+        #[inline(always)]
+        unsafe fn eights(&self, p: usize, c: usize) -> __m256 {
+            let at = self.q.add(p * self.hd + c * 8) as *const __m128i;
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(at)))
+        }
+        #[inline(always)]
+        unsafe fn scale(&self, p: usize, c: usize) -> f32 {
+            *self.d.add(p * (self.hd / 32) + c / 4)
         }
     }
 
-    /// Eight signed bytes at `p` as floats.
+    /// `G` heads against `n` key rows, `P` (2 or 4) positions at a time (`G·P` sums in flight);
+    /// each key's eights are scaled as they load. The caller checks shapes.
     #[inline(always)]
-    unsafe fn load_i8x8(p: *const i8) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-    }
-
-    /// As [`scores_f16`], each key's eight values scaled by their group's `kd` as they load.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores_q8<const G: usize, const P: usize>(
-        kq: &[i8],
-        kd: &[f32],
+    unsafe fn scores<const G: usize, const P: usize>(
+        keys: impl Rows,
+        n: usize,
         q: &[f32],
         hd: usize,
         scale: f32,
         out: &mut [f32],
         stride: usize,
     ) {
-        let n = kq.len() / hd;
-        let (chunks, groups) = (hd / 8, hd / 32);
-        let (kp, qp, op) = (kq.as_ptr(), q.as_ptr(), out.as_mut_ptr());
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
         let mut p = 0;
         while p < n {
             let m = P.min(n - p);
             let mut acc = [[_mm256_setzero_ps(); P]; G];
-            for c in 0..chunks {
+            for c in 0..hd / 8 {
                 let mut kv = [_mm256_setzero_ps(); P];
                 for (j, kv) in kv.iter_mut().enumerate().take(m) {
-                    let d = _mm256_set1_ps(*kd.get_unchecked((p + j) * groups + c / 4));
-                    *kv = _mm256_mul_ps(load_i8x8(kp.add((p + j) * hd + c * 8)), d);
+                    let d = _mm256_set1_ps(keys.scale(p + j, c));
+                    *kv = _mm256_mul_ps(keys.eights(p + j, c), d);
                 }
                 for (h, acc) in acc.iter_mut().enumerate() {
                     let qv = _mm256_loadu_ps(qp.add(h * hd + c * 8));
@@ -541,28 +506,27 @@ mod x86 {
         }
     }
 
-    /// As [`weighted_sum_f16`]; a pass of `C` ≤ 4 eights stays in one scale group, so each
-    /// position's weight is scaled once per head.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum_q8<const G: usize, const C: usize>(
-        vq: &[i8],
-        vd: &[f32],
+    /// `G` heads over `n` value rows, `C` eights of columns at a time (`G·C` sums in flight),
+    /// positions in order. A pass of `C` ≤ 4 eights stays in one scale group, so each
+    /// position's weight is scaled once per head. The caller checks shapes.
+    #[inline(always)]
+    unsafe fn weighted_sum<const G: usize, const C: usize>(
+        values: impl Rows,
+        n: usize,
         w: &[f32],
         hd: usize,
         stride: usize,
         out: &mut [f32],
     ) {
-        let n = vq.len() / hd;
-        let (chunks, groups) = (hd / 8, hd / 32);
-        let (vp, wp, op) = (vq.as_ptr(), w.as_ptr(), out.as_mut_ptr());
-        for c0 in (0..chunks).step_by(C) {
+        let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+        for c0 in (0..hd / 8).step_by(C) {
             let mut acc = [[_mm256_setzero_ps(); C]; G];
             for p in 0..n {
                 let mut vv = [_mm256_setzero_ps(); C];
                 for (c, vv) in vv.iter_mut().enumerate() {
-                    *vv = load_i8x8(vp.add(p * hd + (c0 + c) * 8));
+                    *vv = values.eights(p, c0 + c);
                 }
-                let d = *vd.get_unchecked(p * groups + c0 / 4);
+                let d = values.scale(p, c0);
                 for (h, acc) in acc.iter_mut().enumerate() {
                     let wv = _mm256_set1_ps(*wp.add(h * stride + p) * d);
                     for (a, vv) in acc.iter_mut().zip(&vv) {
@@ -577,6 +541,76 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// [`scores`] over f16 keys.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_f16<const G: usize, const P: usize>(
+        k: &[f16],
+        q: &[f32],
+        hd: usize,
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let keys = F16Rows {
+            at: k.as_ptr() as *const __m128i,
+            chunks: hd / 8,
+        };
+        scores::<G, P>(keys, k.len() / hd, q, hd, scale, out, stride)
+    }
+
+    /// [`weighted_sum`] over f16 values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum_f16<const G: usize, const C: usize>(
+        v: &[f16],
+        w: &[f32],
+        hd: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let values = F16Rows {
+            at: v.as_ptr() as *const __m128i,
+            chunks: hd / 8,
+        };
+        weighted_sum::<G, C>(values, v.len() / hd, w, hd, stride, out)
+    }
+
+    /// [`scores`] over 8-bit keys.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_q8<const G: usize, const P: usize>(
+        kq: &[i8],
+        kd: &[f32],
+        q: &[f32],
+        hd: usize,
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let keys = Q8Rows {
+            q: kq.as_ptr(),
+            d: kd.as_ptr(),
+            hd,
+        };
+        scores::<G, P>(keys, kq.len() / hd, q, hd, scale, out, stride)
+    }
+
+    /// [`weighted_sum`] over 8-bit values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum_q8<const G: usize, const C: usize>(
+        vq: &[i8],
+        vd: &[f32],
+        w: &[f32],
+        hd: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let values = Q8Rows {
+            q: vq.as_ptr(),
+            d: vd.as_ptr(),
+            hd,
+        };
+        weighted_sum::<G, C>(values, vq.len() / hd, w, hd, stride, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
