@@ -6,10 +6,16 @@ Usage: check-logits.py BINARY DEVICE
 Runs `smolchat --device DEVICE logits` on the tiny SmolLM3 (NoPE layers) and tiny llama fixture
 models for every reference sequence (tests/data/tiny-smollm3/reference.json, made by
 transformers) and holds the top-10 logits to the same bounds as the Rust tests: within 2.0 (8-bit
-activations), and the same top-1 token wherever the reference's gap is at least 1.0. Made for
-the lent GPU machines, where there is no cargo; CI runs it on the CPU so it stays working.
+activations), and the same top-1 token wherever the reference's gap is at least 1.0. Then it
+generates greedily from all three sequences at once (`generate` with several `--ids`: packed
+prompt chunks, then decode rows of different lengths in one step), once with the decode rows in
+one padded attention and once with each in its own (SMOLCHAT_DECODE_GROUP_COST=0), and holds
+each continuation to the reference's greedy tokens up to the first step whose gap is below 1.0.
+Made for the lent GPU machines, where there is no cargo; CI runs it on the CPU so it stays
+working.
 """
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -51,9 +57,37 @@ def main() -> int:
                     print(f"FAIL {variant}/{seq['name']} position {p}: top-1 "
                           f"{g['top'][0][0]} vs {w['top_ids'][0]}")
                     return 1
+        for cost in ["16384", "0"]:
+            if not greedy_packed(binary, device, model, ref, variant, cost):
+                return 1
     print(f"ok: {device} matches transformers on the tiny models "
-          f"(largest top-10 logit difference {worst:.3f})")
+          f"(largest top-10 logit difference {worst:.3f}; packed greedy tokens as the reference's)")
     return 0
+
+
+def greedy_packed(binary, device, model, ref, variant, group_cost) -> bool:
+    """The three sequences' greedy continuations, generated together, against the reference."""
+    wants = ref["variants"][variant]
+    steps = len(wants[0]["greedy_ids"])
+    cmd = [binary, "--model", str(data / model), "--device", device, "generate",
+           "--max-tokens", str(steps), "--ignore-eos", "--json"]
+    for seq in ref["sequences"]:
+        cmd += ["--ids", ",".join(str(i) for i in seq["ids"])]
+    env = dict(os.environ, SMOLCHAT_DECODE_GROUP_COST=group_cost)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    got = json.loads(out.stdout.strip().splitlines()[-1])["sequences"]
+    for seq, want, g in zip(ref["sequences"], wants, got):
+        if len(g["ids"]) != steps:
+            print(f"FAIL {variant}/{seq['name']}: {len(g['ids'])} tokens, not {steps}")
+            return False
+        for i, step in enumerate(want["greedy_steps"]):
+            if step["gap"] < GAP_MIN:
+                break
+            if g["ids"][i] != want["greedy_ids"][i]:
+                print(f"FAIL {variant}/{seq['name']} packed greedy step {i} (group cost "
+                      f"{group_cost}): got {g['ids']}, want {want['greedy_ids']}")
+                return False
+    return True
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use smolchat::cli::{self, generate::GenerateArgs};
+use smolchat::cli::{self, generate::EndTokens, generate::GenerateArgs};
 use smolchat::engine::quant::GgmlType;
 use smolchat::engine::{
     Architecture, DeviceChoice, KvFormat, LoadOptions, Model, ModelConfig, Placement,
@@ -151,10 +151,15 @@ enum Command {
         /// Wrap the prompt in the chat template as a user message.
         #[arg(long)]
         chat: bool,
+        /// Token ids of a prompt; give it several times to generate for all of them at once,
+        /// packed into each step as the server batches its users.
         #[arg(long)]
-        ids: Option<String>,
+        ids: Vec<String>,
         #[arg(long, default_value_t = 128)]
         max_tokens: usize,
+        /// Do not stop at the model's end-of-turn tokens: always generate --max-tokens.
+        #[arg(long)]
+        ignore_eos: bool,
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
         #[arg(long, default_value_t = 0)]
@@ -414,6 +419,7 @@ fn run(mut args: Args) -> Result<()> {
             chat,
             ids,
             max_tokens,
+            ignore_eos,
             temperature,
             top_k,
             top_p,
@@ -422,8 +428,11 @@ fn run(mut args: Args) -> Result<()> {
             seed,
             json,
         } => {
+            let ids = ids
+                .iter()
+                .map(|s| cli::parse_ids(s))
+                .collect::<Result<Vec<_>>>()?;
             let engine = cli::load(&args.model, &default_opts(&args)?)?;
-            let ids = ids.as_deref().map(cli::parse_ids).transpose()?;
             let params = SamplingParams {
                 temperature,
                 top_k,
@@ -441,6 +450,11 @@ fn run(mut args: Args) -> Result<()> {
                     ids,
                     max_tokens,
                     params,
+                    end: if ignore_eos {
+                        EndTokens::Ignore
+                    } else {
+                        EndTokens::Stop
+                    },
                     json,
                 },
             )

@@ -298,3 +298,57 @@ fn load_reaches_a_server_running_elsewhere_and_refuses_what_it_cannot_reach() {
     assert!(!nobody.status.success(), "nothing listens there any more");
     assert!(String::from_utf8_lossy(&nobody.stderr).contains("connecting to"));
 }
+
+fn ids_of(text: &str) -> String {
+    let t = last_json(&smolchat(&["tokenize", "--no-special", "--", text]));
+    let ids: Vec<String> = t["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    ids.join(",")
+}
+
+#[test]
+fn several_prompts_generate_together_with_each_ones_own_tokens() {
+    // One prompt longer than a prefill chunk (512), so its second chunk shares steps with the
+    // others' decode rows.
+    let prompts = [
+        ids_of("The capital of France is"),
+        ids_of(&"Count with me: one, two, three, four. ".repeat(60)),
+        ids_of("Here is a short poem about the sea:"),
+    ];
+    assert!(prompts[1].split(',').count() > 512);
+    let run = |ps: &[&String]| {
+        let mut args = vec!["generate", "--max-tokens", "8", "--ignore-eos", "--json"];
+        for p in ps {
+            args.extend(["--ids", p.as_str()]);
+        }
+        last_json(&smolchat(&args))
+    };
+    let together = run(&prompts.iter().collect::<Vec<_>>());
+    let seqs = together["sequences"].as_array().expect("one result each");
+    assert_eq!(seqs.len(), 3);
+    assert!(together["tokens_per_second"].as_f64().unwrap() > 0.0);
+    for (p, packed) in prompts.iter().zip(seqs) {
+        let alone = run(&[p]);
+        // The CPU engine's packed rows compute exactly what a solo run does.
+        assert_eq!(packed["ids"], alone["ids"], "prompt {p:.40}");
+        assert_eq!(packed["ids"].as_array().unwrap().len(), 8);
+        assert_eq!(packed["finish_reason"], "length");
+        assert_eq!(packed["text"], alone["text"]);
+    }
+
+    // A bad prompt among good ones is refused before anything runs.
+    let out = smolchat(&["generate", "--ids", &prompts[0], "--ids", " ", "--json"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("prompt 2 is empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = smolchat(&["generate", "--ids", "1,2,99999999"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("99999999"));
+}
