@@ -20,8 +20,10 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 mod attention;
+mod kv_write;
 
 use attention::{slab_row, DECODE_GROUP_COST};
+use kv_write::KvWrite;
 
 use super::config::ModelConfig;
 use super::kv::{BlockPool, KvShape, BLOCK_LEN};
@@ -101,6 +103,58 @@ pub struct CandleModel {
     inv_freq: Vec<f32>,
     /// What another decode attention group costs, in padded key rows (see [`decode_groups`]).
     decode_group_cost: usize,
+    kv_writer: KvWriter,
+}
+
+/// How new K/V rows get into the slabs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KvWriter {
+    /// Our own kernel ([`KvWrite`]): one thread per value.
+    Kernel,
+    /// candle's `to_dtype` + `scatter_set` (`SMOLCHAT_KV_WRITE=scatter`): `head_dim` threads
+    /// that walk the step's rows; kept to compare against on a GPU.
+    Scatter,
+}
+
+impl KvWriter {
+    fn from_env() -> Self {
+        match std::env::var("SMOLCHAT_KV_WRITE").as_deref() {
+            Ok("scatter") => KvWriter::Scatter,
+            _ => KvWriter::Kernel,
+        }
+    }
+
+    /// The step's slab rows as a device table: one per new row, or for `scatter_set` one per
+    /// value.
+    fn table(self, rows: &[u32], hd: usize, dev: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            KvWriter::Kernel => Tensor::from_slice(rows, rows.len(), dev),
+            KvWriter::Scatter => {
+                let per_value: Vec<u32> = rows
+                    .iter()
+                    .flat_map(|&r| std::iter::repeat_n(r, hd))
+                    .collect();
+                Tensor::from_vec(per_value, (rows.len(), hd), dev)
+            }
+        }
+    }
+
+    /// Writes `new` (f32, `t × n_kv·hd`, possibly a column range) into `slab`.
+    fn write(
+        self,
+        slab: &Tensor,
+        new: &Tensor,
+        table: &Tensor,
+        (n_kv, hd): (usize, usize),
+    ) -> candle_core::Result<()> {
+        match self {
+            KvWriter::Kernel => slab.inplace_op3(new, table, &KvWrite { n_kv, head_dim: hd }),
+            KvWriter::Scatter => {
+                let rows = new.to_dtype(DType::F16)?.reshape((table.dim(0)?, hd))?;
+                slab.scatter_set(table, &rows, 0)
+            }
+        }
+    }
 }
 
 fn candle_dtype(ty: GgmlType) -> Result<GgmlDType, EngineError> {
@@ -244,6 +298,7 @@ impl CandleModel {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DECODE_GROUP_COST),
+            kv_writer: KvWriter::from_env(),
         })
     }
 
@@ -314,12 +369,7 @@ impl CandleModel {
             positions.extend(start..start + n);
         }
         let t = tokens.len();
-
-        let write_idx: Vec<u32> = write_rows
-            .iter()
-            .flat_map(|&r| std::iter::repeat_n(r, hd))
-            .collect();
-        let write_idx = Tensor::from_vec(write_idx, (t * nkv, hd), dev)?;
+        let write_table = self.kv_writer.table(&write_rows, hd, dev)?;
         let (mut cos, mut sin) = rope_tables(&self.inv_freq, &positions);
         let rotated = self.inv_freq.len();
         if rotated < hd / 2 {
@@ -358,16 +408,8 @@ impl CandleModel {
                 k = rope(&k, nkv)?;
             }
             let (slab_k, slab_v) = &self.kv[li];
-            slab_k.scatter_set(
-                &write_idx,
-                &k.to_dtype(DType::F16)?.reshape((t * nkv, hd))?,
-                0,
-            )?;
-            slab_v.scatter_set(
-                &write_idx,
-                &v.to_dtype(DType::F16)?.reshape((t * nkv, hd))?,
-                0,
-            )?;
+            self.kv_writer.write(slab_k, &k, &write_table, (nkv, hd))?;
+            self.kv_writer.write(slab_v, &v, &write_table, (nkv, hd))?;
 
             let q = (q * scale)?.to_dtype(DType::F16)?;
             let mut parts = attentions
