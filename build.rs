@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["kv_write"];
+const KERNELS: &[&str] = &["kv_write", "decode_attention"];
 
 fn main() {
     for k in KERNELS {

@@ -269,6 +269,7 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
         placement,
         kv_bytes: scheduler.kv_budget_bytes,
         kv_format: args.kv_cache.into(),
+        ..LoadOptions::default()
     };
     let engine = std::sync::Arc::new(cli::load(&args.model, &opts)?);
     let addr: std::net::SocketAddr = format!("{host}:{port}").parse().or_else(|_| {

@@ -12,14 +12,31 @@ use common::reference::{all_logits, check_smollm2, check_variant, packed_and_alo
 use common::{data, ids, json};
 use smolchat::engine::gguf::GgufFile;
 use smolchat::engine::kv::BLOCK_LEN;
-use smolchat::engine::{DeviceChoice, EngineError, LoadOptions, Logits, Model, SeqInput};
+use smolchat::engine::{
+    DeviceChoice, DeviceKernels, EngineError, LoadOptions, Logits, Model, SeqInput,
+};
 
 fn on_candle(path: &Path, kv_bytes: usize) -> Model {
+    on_candle_with(path, kv_bytes, DeviceKernels::from_env())
+}
+
+/// candle's own paths where smolchat has kernels of its own (the gathered decode attention,
+/// `scatter_set`), with decode groups costing `group_cost`.
+fn candles_paths(group_cost: usize) -> DeviceKernels {
+    DeviceKernels {
+        paged_decode: false,
+        kv_write_kernel: false,
+        decode_group_cost: group_cost,
+    }
+}
+
+fn on_candle_with(path: &Path, kv_bytes: usize, device_kernels: DeviceKernels) -> Model {
     let opts = LoadOptions {
         placement: DeviceChoice::CandleCpu
             .resolve()
             .expect("candle's CPU device"),
         kv_bytes,
+        device_kernels,
         ..Default::default()
     };
     let f = GgufFile::open(path).unwrap();
@@ -81,13 +98,15 @@ fn packed_decode_rows_and_prompt_chunks_give_each_sequence_its_own_tokens() {
 }
 
 #[test]
-fn decode_rows_split_into_attention_groups_still_get_their_own_tokens() {
-    // Every decode row its own attention group (other tests' models may pick this up too:
-    // it is as correct as one group, only slower).
-    std::env::set_var("SMOLCHAT_DECODE_GROUP_COST", "0");
-    let model = tiny(16 << 20);
-    let (packed, alone) = packed_and_alone(&model, 12);
-    assert_eq!(packed, alone);
+fn candles_gathered_attention_gives_each_sequence_its_own_tokens_in_one_group_or_many() {
+    let path = data("tiny-smollm3/tiny-smollm3-q8_0.gguf");
+    // One padded group for all decode rows, then every decode row its own group.
+    for cost in [usize::MAX / 1024, 0] {
+        let model = on_candle_with(&path, 16 << 20, candles_paths(cost));
+        let (packed, alone) = packed_and_alone(&model, 12);
+        assert_eq!(packed, alone, "group cost {cost}");
+        check_variant(&model, "q8_0_nope");
+    }
 }
 
 #[test]
@@ -180,8 +199,11 @@ fn kv_blocks_come_back_to_the_pool_and_a_full_pool_is_a_typed_error() {
 /// batch: decode attention is padded to the batch's longest sequence and prompt chunks are cut
 /// where the step budget falls, so sums run in another order (on a GPU, the matmul kernel also
 /// changes with the row count). Greedy tokens can then part at a near-tie. What must hold: at
-/// every step the batched job picked a token whose logit, recomputed alone, is within 0.1 of
-/// the best one.
+/// every step the batched job picked a token whose logit, recomputed alone, is within 0.25 of
+/// the best one. (With 8-bit activations, attention outputs that differ in their last bits can
+/// flip the rounding of the next layer's activations: the paged decode attention and candle's
+/// gathered one, within 1e-5 of each other, give whole-vocabulary logits up to ~1.3 apart on
+/// SmolLM2; a step 0.12 below the best was seen.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_actor_batches_on_the_candle_backend_and_gives_every_block_back() {
     use ractor::{call, Actor};
@@ -281,7 +303,7 @@ async fn the_model_actor_batches_on_the_candle_backend_and_gives_every_block_bac
         for (step, (row, &tok)) in rows.chunks_exact(model.cfg.vocab_size).zip(got).enumerate() {
             let best = row.iter().copied().fold(f32::MIN, f32::max);
             assert!(
-                row[tok as usize] >= best - 0.1,
+                row[tok as usize] >= best - 0.25,
                 "{text:?} step {step}: picked {tok} at {} but the best is {best}",
                 row[tok as usize]
             );

@@ -234,6 +234,8 @@ pub struct LoadOptions {
     pub kv_bytes: usize,
     /// How the CPU backend stores KV caches (a device keeps f16).
     pub kv_format: KvFormat,
+    /// Which of the device backend's kernels to use.
+    pub device_kernels: DeviceKernels,
 }
 
 impl Default for LoadOptions {
@@ -242,6 +244,35 @@ impl Default for LoadOptions {
             placement: Placement::Cpu,
             kv_bytes: 1 << 30,
             kv_format: KvFormat::F16,
+            device_kernels: DeviceKernels::from_env(),
+        }
+    }
+}
+
+/// The device backend's kernel choices: its own kernels by default; candle's paths stay
+/// selectable (`SMOLCHAT_DECODE_ATTENTION=gathered`, `SMOLCHAT_KV_WRITE=scatter`) to compare
+/// against on a GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceKernels {
+    /// Decode rows through the paged attention kernel, straight from the KV blocks (where it
+    /// serves the model's heads); otherwise gathered into padded copies, in groups.
+    pub paged_decode: bool,
+    /// New K/V rows through smolchat's kernel; otherwise candle's `scatter_set`.
+    pub kv_write_kernel: bool,
+    /// Gathered decode attention: what one more group costs, in padded key rows
+    /// (`SMOLCHAT_DECODE_GROUP_COST`; 64 sequences × 256 positions until measured on a GPU).
+    pub decode_group_cost: usize,
+}
+
+impl DeviceKernels {
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok();
+        Self {
+            paged_decode: var("SMOLCHAT_DECODE_ATTENTION").as_deref() != Some("gathered"),
+            kv_write_kernel: var("SMOLCHAT_KV_WRITE").as_deref() != Some("scatter"),
+            decode_group_cost: var("SMOLCHAT_DECODE_GROUP_COST")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(16384),
         }
     }
 }
@@ -301,22 +332,21 @@ impl Model {
         mut src: WeightSource,
         opts: &LoadOptions,
     ) -> Result<Self, EngineError> {
-        let backend =
-            match &opts.placement {
-                Placement::Cpu => {
-                    let w = Weights::build(
-                        &cfg,
-                        &mut src,
-                        &mut |raw| Ok(super::cpu::matrix(raw)),
-                        &mut |v| Ok(v),
-                    )?;
-                    Backend::Cpu(CpuWeights::new(w, &cfg))
-                }
-                #[cfg(feature = "candle")]
-                Placement::Candle(device) => Backend::Candle(Box::new(
-                    super::gpu::CandleModel::build(&cfg, &mut src, device, opts.kv_bytes)?,
-                )),
-            };
+        let backend = match &opts.placement {
+            Placement::Cpu => {
+                let w = Weights::build(
+                    &cfg,
+                    &mut src,
+                    &mut |raw| Ok(super::cpu::matrix(raw)),
+                    &mut |v| Ok(v),
+                )?;
+                Backend::Cpu(CpuWeights::new(w, &cfg))
+            }
+            #[cfg(feature = "candle")]
+            Placement::Candle(device) => Backend::Candle(Box::new(super::gpu::CandleModel::build(
+                &cfg, &mut src, device, opts,
+            )?)),
+        };
         let mut model = Self {
             cfg,
             precise: false,

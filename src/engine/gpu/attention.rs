@@ -1,17 +1,15 @@
-//! Attention on the device: which cache rows each attention reads, the grouping of decode rows,
-//! and the two attention shapes (all decode rows of a group at once; one prompt chunk, causal).
+//! Attention on the device: which cache rows each attention reads, and the attention shapes:
+//! all decode rows through their block tables ([`PagedDecode`]), or gathered in groups of
+//! similar lengths; one prompt chunk, causal.
 
 use candle_core::{DType, Device, Tensor};
 
+use super::decode_attention::PagedDecode;
 use crate::engine::kv::BLOCK_LEN;
 use crate::engine::model::SeqInput;
 
-/// The default cost of one more decode attention group (its dozen kernel launches per layer),
-/// in key rows of padding it must save: 64 sequences × 256 positions. Tunable with
-/// `SMOLCHAT_DECODE_GROUP_COST` until it is measured on a GPU.
-pub(super) const DECODE_GROUP_COST: usize = 16384;
-
-/// Splits decode rows, sorted by cache length, into attention groups: each group is padded to
+/// Splits decode rows, sorted by cache length, into attention groups (another group costs its
+/// dozen kernel launches per layer, `group_cost` in padded key rows): each group is padded to
 /// its longest row, and a group costs `group_cost` padded rows of its own. The split minimises
 /// the total (a small dynamic program over the sorted lengths).
 fn decode_groups(lens: &[usize], group_cost: usize) -> Vec<std::ops::Range<usize>> {
@@ -43,43 +41,99 @@ pub(super) fn slab_row(ids: &[u32], n_kv: usize, head: usize, pos: usize) -> u32
     ((ids[pos / BLOCK_LEN] as usize * n_kv + head) * BLOCK_LEN + pos % BLOCK_LEN) as u32
 }
 
-/// One attention over rows of the packed batch: `b` sequences of `q_rows` query rows each,
-/// reading `len` cache positions through `gather` and masked by `mask`.
+/// One attention over rows of the packed batch, starting at row `row0`.
 pub(super) struct Attention {
     row0: usize,
-    b: usize,
-    q_rows: usize,
-    len: usize,
-    /// Slab rows, `b × n_kv × len`.
-    gather: Tensor,
-    /// 0 or [`MASKED`], `b × 1 × 1 × len` for decode rows, `q_rows × len` for a prompt chunk.
-    mask: Tensor,
+    kind: Kind,
+}
+
+enum Kind {
+    /// `b` decode rows, each over its own cache through its block table ([`PagedDecode`]).
+    Paged { b: usize, table: Tensor },
+    /// `b` decode rows gathered into copies padded to the longest (`len`) and masked, or one
+    /// prompt chunk of `q_rows` rows (`b` = 1), causal over its cache; candle's matmuls.
+    Gathered {
+        b: usize,
+        q_rows: usize,
+        len: usize,
+        /// Slab rows, `b × n_kv × len`.
+        gather: Tensor,
+        /// 0 or [`MASKED`], `b × 1 × 1 × len` for decode rows, `q_rows × len` for a prompt chunk.
+        mask: Tensor,
+    },
 }
 
 impl Attention {
-    /// This attention's output rows, from the step's (scaled, f16) queries and a layer's slabs.
+    /// This attention's output rows (f32), from the step's queries (f32) and a layer's slabs.
+    /// Scores, softmax and sums are f32 on every path, so a decode row and the same position
+    /// in a prompt chunk agree.
     pub(super) fn run(
         &self,
         q: &Tensor,
         slab_k: &Tensor,
         slab_v: &Tensor,
-        dims: (usize, usize, usize),
+        (nkv, group, hd): (usize, usize, usize),
     ) -> candle_core::Result<Tensor> {
-        let keys = slab_k.index_select(&self.gather, 0)?;
-        let values = slab_v.index_select(&self.gather, 0)?;
-        let q = q.narrow(0, self.row0, self.b * self.q_rows)?;
-        if self.q_rows == 1 {
-            decode_attention(self, &q, &keys, &values, dims)
-        } else {
-            chunk_attention(self, &q, &keys, &values, dims)
+        let scale = 1.0 / (hd as f64).sqrt();
+        match &self.kind {
+            Kind::Paged { b, table } => q.narrow(0, self.row0, *b)?.apply_op3_no_bwd(
+                slab_k,
+                slab_v,
+                &PagedDecode {
+                    table,
+                    n_kv: nkv,
+                    group,
+                    head_dim: hd,
+                    scale: scale as f32,
+                },
+            ),
+            Kind::Gathered {
+                b,
+                q_rows,
+                len,
+                gather,
+                mask,
+            } => {
+                let keys = slab_k.index_select(gather, 0)?.to_dtype(DType::F32)?;
+                let values = slab_v.index_select(gather, 0)?.to_dtype(DType::F32)?;
+                let q = (q.narrow(0, self.row0, b * q_rows)? * scale)?;
+                let shape = Gathered {
+                    b: *b,
+                    q_rows: *q_rows,
+                    len: *len,
+                    mask,
+                };
+                if *q_rows == 1 {
+                    decode_attention(&shape, &q, &keys, &values, (nkv, group, hd))
+                } else {
+                    chunk_attention(&shape, &q, &keys, &values, (nkv, group, hd))
+                }
+            }
         }
     }
+}
+
+/// The sizes of one gathered attention.
+struct Gathered<'a> {
+    b: usize,
+    q_rows: usize,
+    len: usize,
+    mask: &'a Tensor,
+}
+
+/// How a step's decode rows are attended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DecodeAttention {
+    /// All of them in one [`PagedDecode`] (the default where the kernel serves the heads).
+    Paged,
+    /// Gathered in groups ([`decode_groups`], `group_cost`); `SMOLCHAT_DECODE_ATTENTION=gathered`.
+    Gathered { group_cost: usize },
 }
 
 /// The step's attentions and their index tables, built once and used by every layer.
 pub(super) fn plan(
     dev: &Device,
-    group_cost: usize,
+    decode_attention: DecodeAttention,
     batch: &[SeqInput],
     order: &[usize],
     spans: &[(usize, usize, usize)],
@@ -104,25 +158,46 @@ pub(super) fn plan(
         .count();
     // Decode rows are sorted by length: groups of similar lengths pad less.
     let lens: Vec<usize> = spans[..decode].iter().map(|&(_, _, st)| st + 1).collect();
-    for g in decode_groups(&lens, group_cost) {
-        let (b, len) = (g.len(), lens[g.end - 1]);
-        let mut gather = Vec::with_capacity(b * nkv * len);
-        for (&i, &(_, _, start)) in order[g.clone()].iter().zip(&spans[g.clone()]) {
-            let ids = batch[i].cache.block_ids();
-            for kh in 0..nkv {
-                // Past the sequence's end: any valid row, masked out below.
-                gather.extend((0..len).map(|p| slab_row(ids, nkv, kh, p.min(start))));
+    match decode_attention {
+        DecodeAttention::Paged if decode > 0 => {
+            let rows: Vec<(usize, &[u32])> = order[..decode]
+                .iter()
+                .zip(&lens)
+                .map(|(&i, &len)| (len, batch[i].cache.block_ids()))
+                .collect();
+            out.push(Attention {
+                row0: 0,
+                kind: Kind::Paged {
+                    b: decode,
+                    table: PagedDecode::table(&rows, dev)?,
+                },
+            });
+        }
+        DecodeAttention::Paged => {}
+        DecodeAttention::Gathered { group_cost } => {
+            for g in decode_groups(&lens, group_cost) {
+                let (b, len) = (g.len(), lens[g.end - 1]);
+                let mut gather = Vec::with_capacity(b * nkv * len);
+                for (&i, &(_, _, start)) in order[g.clone()].iter().zip(&spans[g.clone()]) {
+                    let ids = batch[i].cache.block_ids();
+                    for kh in 0..nkv {
+                        // Past the sequence's end: any valid row, masked out below.
+                        gather.extend((0..len).map(|p| slab_row(ids, nkv, kh, p.min(start))));
+                    }
+                }
+                let q_pos = lens[g.clone()].iter().map(|&l| (l - 1) as f32).collect();
+                out.push(Attention {
+                    row0: g.start,
+                    kind: Kind::Gathered {
+                        b,
+                        q_rows: 1,
+                        len,
+                        gather: Tensor::from_vec(gather, b * nkv * len, dev)?,
+                        mask: mask(q_pos, len)?.reshape((b, 1, 1, len))?,
+                    },
+                });
             }
         }
-        let q_pos = lens[g.clone()].iter().map(|&l| (l - 1) as f32).collect();
-        out.push(Attention {
-            row0: g.start,
-            b,
-            q_rows: 1,
-            len,
-            gather: Tensor::from_vec(gather, b * nkv * len, dev)?,
-            mask: mask(q_pos, len)?.reshape((b, 1, 1, len))?,
-        });
     }
     for (&i, &(row0, n, start)) in order.iter().zip(spans).skip(decode) {
         let ids = batch[i].cache.block_ids();
@@ -132,25 +207,26 @@ pub(super) fn plan(
             .collect();
         out.push(Attention {
             row0,
-            b: 1,
-            q_rows: n,
-            len,
-            gather: Tensor::from_vec(gather, nkv * len, dev)?,
-            mask: mask(positions_f32(start..start + n), len)?,
+            kind: Kind::Gathered {
+                b: 1,
+                q_rows: n,
+                len,
+                gather: Tensor::from_vec(gather, nkv * len, dev)?,
+                mask: mask(positions_f32(start..start + n), len)?,
+            },
         });
     }
     Ok(out)
 }
 
-/// Softmax of `scores` (f16) plus `mask`, in f32, back to f16 for the product with V.
+/// Softmax of `scores` plus `mask`.
 fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    let s = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-    candle_nn::ops::softmax_last_dim(&s)?.to_dtype(DType::F16)
+    candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)
 }
 
 /// All decode rows at once: `b` sequences, one query row each, keys padded to the longest.
 fn decode_attention(
-    a: &Attention,
+    a: &Gathered,
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
@@ -159,13 +235,13 @@ fn decode_attention(
     let q = q.reshape((a.b, nkv, group, hd))?;
     let keys = keys.reshape((a.b, nkv, a.len, hd))?;
     let values = values.reshape((a.b, nkv, a.len, hd))?;
-    let p = masked_softmax(&q.matmul(&keys.t()?)?, &a.mask)?; // b × nkv × group × len
+    let p = masked_softmax(&q.matmul(&keys.t()?)?, a.mask)?; // b × nkv × group × len
     p.matmul(&values)?.reshape((a.b, nkv * group * hd))
 }
 
 /// One prompt chunk of `q_rows` rows, causal over its cache.
 fn chunk_attention(
-    a: &Attention,
+    a: &Gathered,
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
@@ -181,7 +257,7 @@ fn chunk_attention(
     let keys = keys.reshape((nkv, a.len, hd))?;
     let values = values.reshape((nkv, a.len, hd))?;
     let scores = q.matmul(&keys.t()?)?.reshape((nkv, group, n, a.len))?;
-    let p = masked_softmax(&scores, &a.mask)?.reshape((nkv, group * n, a.len))?;
+    let p = masked_softmax(&scores, a.mask)?.reshape((nkv, group * n, a.len))?;
     p.matmul(&values)?
         .reshape((nkv, group, n, hd))?
         .permute((2, 0, 1, 3))?

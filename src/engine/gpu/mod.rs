@@ -7,10 +7,10 @@
 //! `head_dim` f16 values, cut into the same 32-position blocks as on the CPU; a sequence's cache
 //! is a list of block ids from a [`BlockPool`]. Each step uploads its few index tables once (token
 //! ids, RoPE rows, where each new K/V row goes, which rows each attention reads) and then runs
-//! every layer on the device: new K/V rows are scattered into the slabs, and attention gathers
-//! each sequence's rows back. All decode rows share one batched attention, padded to the longest
-//! of them and masked; each prompt chunk has its own causal one. Only the sampled rows'
-//! logits come back to the host.
+//! every layer on the device: new K/V rows go into the slabs ([`KvWrite`]), all decode rows share
+//! one attention that reads each cache through its block table ([`PagedDecode`]), and each
+//! prompt chunk gathers its cache for a causal one. Only the sampled rows' logits come back to
+//! the host. `DeviceKernels` can put candle's own paths in place of our two kernels.
 
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -20,14 +20,19 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 mod attention;
+mod decode_attention;
 mod kv_write;
 
-use attention::{slab_row, DECODE_GROUP_COST};
+use attention::{slab_row, DecodeAttention};
+use decode_attention::PagedDecode;
 use kv_write::KvWrite;
 
 use super::config::ModelConfig;
 use super::kv::{BlockPool, KvShape, BLOCK_LEN};
-use super::model::{inv_freq, rope_tables, Logits, RawMatrix, SeqInput, WeightSource, Weights};
+use super::model::{
+    inv_freq, rope_tables, DeviceKernels, LoadOptions, Logits, RawMatrix, SeqInput, WeightSource,
+    Weights,
+};
 use super::quant::GgmlType;
 use super::EngineError;
 
@@ -101,8 +106,7 @@ pub struct CandleModel {
     kv: Vec<(Tensor, Tensor)>,
     pool: Arc<BlockPool>,
     inv_freq: Vec<f32>,
-    /// What another decode attention group costs, in padded key rows (see [`decode_groups`]).
-    decode_group_cost: usize,
+    decode_attention: DecodeAttention,
     kv_writer: KvWriter,
 }
 
@@ -117,13 +121,6 @@ enum KvWriter {
 }
 
 impl KvWriter {
-    fn from_env() -> Self {
-        match std::env::var("SMOLCHAT_KV_WRITE").as_deref() {
-            Ok("scatter") => KvWriter::Scatter,
-            _ => KvWriter::Kernel,
-        }
-    }
-
     /// The step's slab rows as a device table: one per new row, or for `scatter_set` one per
     /// value.
     fn table(self, rows: &[u32], hd: usize, dev: &Device) -> candle_core::Result<Tensor> {
@@ -204,6 +201,24 @@ fn release(raw: Rc<RawMatrix>) {
     }
 }
 
+/// How decode rows are attended: the paged kernel where asked for and it serves these heads.
+fn decode_attention(cfg: &ModelConfig, k: &DeviceKernels) -> DecodeAttention {
+    let group = cfg.n_heads / cfg.n_kv_heads;
+    if k.paged_decode && PagedDecode::supports(cfg.head_dim, group) {
+        return DecodeAttention::Paged;
+    }
+    if k.paged_decode {
+        tracing::info!(
+            head_dim = cfg.head_dim,
+            group,
+            "no paged decode kernel for these heads: decode rows take the gathered attention"
+        );
+    }
+    DecodeAttention::Gathered {
+        group_cost: k.decode_group_cost,
+    }
+}
+
 /// (free, total) bytes of a CUDA device's memory; `None` elsewhere.
 fn cuda_memory(device: &Device) -> Option<(usize, usize)> {
     #[cfg(feature = "cuda")]
@@ -219,7 +234,7 @@ impl CandleModel {
         cfg: &ModelConfig,
         src: &mut WeightSource,
         device: &Device,
-        kv_bytes: usize,
+        opts: &LoadOptions,
     ) -> Result<Self, EngineError> {
         // The blocks first (mapped pages, or random bytes), then onto the device layer by layer,
         // fusing what reads the same input.
@@ -249,10 +264,15 @@ impl CandleModel {
             }
         }
         let out_norm = vector(w.out_norm)?;
+        let decode_attention = decode_attention(cfg, &opts.device_kernels);
+        let kv_writer = match opts.device_kernels.kv_write_kernel {
+            true => KvWriter::Kernel,
+            false => KvWriter::Scatter,
+        };
         drop(w.output);
         release(w.embed);
         let shape = KvShape::of(cfg);
-        let mut kv_bytes = kv_bytes;
+        let mut kv_bytes = opts.kv_bytes;
         if let Some((free, _)) = cuda_memory(device) {
             // Leave a tenth of what is free (and 1 GiB at least) for activations and candle's
             // buffers: a budget the card cannot hold is cut down, with a word in the log.
@@ -280,6 +300,8 @@ impl CandleModel {
             .sum::<usize>();
         tracing::info!(
             fused_projections = fused,
+            ?decode_attention,
+            ?kv_writer,
             blocks,
             positions = blocks * BLOCK_LEN,
             mib = (blocks * shape.block_bytes()) >> 20,
@@ -294,11 +316,8 @@ impl CandleModel {
             kv,
             pool: BlockPool::new(blocks),
             inv_freq: inv_freq(cfg),
-            decode_group_cost: std::env::var("SMOLCHAT_DECODE_GROUP_COST")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(DECODE_GROUP_COST),
-            kv_writer: KvWriter::from_env(),
+            decode_attention,
+            kv_writer,
         })
     }
 
@@ -388,10 +407,9 @@ impl CandleModel {
         }
         let cos = Tensor::from_vec(cos, (t, 1, hd / 2), dev)?;
         let sin = Tensor::from_vec(sin, (t, 1, hd / 2), dev)?;
-        let attentions = attention::plan(dev, self.decode_group_cost, batch, &order, &spans, nkv)?;
+        let attentions = attention::plan(dev, self.decode_attention, batch, &order, &spans, nkv)?;
 
         let mut x = self.embed.embedding(&Tensor::from_vec(tokens, t, dev)?)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
             let [mut q, mut k, v]: [Tensor; 3] = layer
@@ -411,7 +429,6 @@ impl CandleModel {
             self.kv_writer.write(slab_k, &k, &write_table, (nkv, hd))?;
             self.kv_writer.write(slab_v, &v, &write_table, (nkv, hd))?;
 
-            let q = (q * scale)?.to_dtype(DType::F16)?;
             let mut parts = attentions
                 .iter()
                 .map(|a| a.run(&q, slab_k, slab_v, (nkv, group, hd)))
@@ -419,8 +436,7 @@ impl CandleModel {
             let attn = match parts.len() {
                 1 => parts.pop().expect("one part"),
                 _ => Tensor::cat(&parts, 0)?,
-            }
-            .to_dtype(DType::F32)?;
+            };
             x = (x + layer.wo.forward(&attn)?)?;
 
             let xn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
