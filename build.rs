@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["kv_write", "decode_attention"];
+const KERNELS: &[&str] = &["kv_write", "decode_attention", "rope"];
 
 fn main() {
     for k in KERNELS {

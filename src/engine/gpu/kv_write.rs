@@ -4,16 +4,21 @@
 //! a loop. The f32 → f16 rounding (round to nearest even) is the one `to_dtype` does, so both
 //! write the very bytes that `to_dtype` + `scatter_set` wrote.
 
-use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result};
+use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor};
 use half::f16;
+
+use super::rope::{cpu_tables, turned};
 
 /// Writes `src` (f32, `t × ·` with `n_kv` heads of `head_dim` values at the start of each row;
 /// rows may be strided, as the column ranges of a fused projection are) into an f16 slab of
 /// `head_dim`-wide rows: step row `r` (token `r / n_kv`, head `r % n_kv`) goes to slab row
-/// `rows[r]`. The caller guarantees the rows are inside the slab.
-pub(super) struct KvWrite {
+/// `rows[r]`. The caller guarantees the rows are inside the slab. With `rope` (the step's cos
+/// and sin tables, `t × head_dim / 2`), each head is turned by its token's angles on the way, as
+/// [`super::rope::RopeRows`] turns the queries.
+pub(super) struct KvWrite<'a> {
     pub n_kv: usize,
     pub head_dim: usize,
+    pub rope: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// Where [`KvWrite`]'s operands start, in elements, and the source's row stride.
@@ -25,7 +30,7 @@ struct Operands {
     n_rows: usize,
 }
 
-impl KvWrite {
+impl KvWrite<'_> {
     fn operands(&self, slab: &Layout, src: &Layout, rows: &Layout) -> Result<Operands> {
         let hd = self.head_dim;
         let (slab_rows, width) = slab.shape().dims2()?;
@@ -54,7 +59,7 @@ impl KvWrite {
     }
 }
 
-impl InplaceOp3 for KvWrite {
+impl InplaceOp3 for KvWrite<'_> {
     fn name(&self) -> &'static str {
         "kv-write"
     }
@@ -81,12 +86,34 @@ impl InplaceOp3 for KvWrite {
         if let Some(row) = rows.iter().find(|&&r| (r as usize + 1) * hd > slab.len()) {
             bail!("kv-write: slab row {row} is outside the slab");
         }
+        let t = o.n_rows / self.n_kv;
+        let guards = self
+            .rope
+            .map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+        let tables = match &guards {
+            Some(((c, cl), (s, sl))) => Some((
+                cpu_tables((&**c, *cl), t, hd)?,
+                cpu_tables((&**s, *sl), t, hd)?,
+            )),
+            None => None,
+        };
+        let half = hd / 2;
         for (r, &row) in rows.iter().enumerate() {
             let (token, head) = (r / self.n_kv, r % self.n_kv);
             let from = &src[o.src + token * o.src_stride + head * hd..][..hd];
             let to = &mut slab[row as usize * hd..][..hd];
-            for (d, &s) in to.iter_mut().zip(from) {
-                *d = f16::from_f32(s);
+            match tables {
+                Some((cos, sin)) => {
+                    let (c, s) = (&cos[token * half..][..half], &sin[token * half..][..half]);
+                    for (d, x) in to.iter_mut().enumerate() {
+                        *x = f16::from_f32(turned(from, d, c, s));
+                    }
+                }
+                None => {
+                    for (d, &x) in to.iter_mut().zip(from) {
+                        *d = f16::from_f32(x);
+                    }
+                }
             }
         }
         Ok(())
@@ -119,6 +146,34 @@ impl InplaceOp3 for KvWrite {
             .as_cuda_slice::<u32>()?
             .slice(o.rows..o.rows + o.n_rows);
         let slab = slab.as_cuda_slice_mut::<f16>()?.slice(o.slab..);
+        let t = o.n_rows / self.n_kv;
+        let guards = self
+            .rope
+            .map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+        let tables = match &guards {
+            Some(((c, cl), (s, sl))) => {
+                fn view<'s>(
+                    st: &'s candle_core::Storage,
+                    l: &Layout,
+                    values: usize,
+                ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'s, f32>>
+                {
+                    let candle_core::Storage::Cuda(st) = st else {
+                        bail!("kv-write: the RoPE tables must be on the GPU");
+                    };
+                    if !l.is_contiguous() || l.shape().elem_count() != values {
+                        bail!(
+                            "kv-write: RoPE tables of {:?} for {values} values",
+                            l.shape()
+                        );
+                    }
+                    Ok(st.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
+                }
+                let values = t * self.head_dim / 2;
+                Some((view(&**c, cl, values)?, view(&**s, sl, values)?))
+            }
+            None => None,
+        };
         let mut builder = func.builder();
         builder.arg(&src);
         builder.arg(&rows);
@@ -130,6 +185,14 @@ impl InplaceOp3 for KvWrite {
             self.n_kv as u32,
             o.src_stride as u32
         );
+        // Without RoPE the kernel reads no table: the source stands in for both pointers.
+        let (cos, sin) = match &tables {
+            Some((c, s)) => (c, s),
+            None => (&src, &src),
+        };
+        builder.arg(cos);
+        builder.arg(sin);
+        candle_core::builder_arg!(builder, tables.is_some() as u32);
         // SAFETY: the operands were checked above; the slab rows come from the block pool.
         unsafe { builder.launch(LaunchConfig::for_num_elems(values as u32)) }.w()?;
         Ok(())
@@ -142,7 +205,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     #[test]
-    fn writes_the_bytes_that_to_dtype_and_scatter_set_write_also_from_strided_rows() {
+    fn writes_the_bytes_that_to_dtype_and_scatter_set_write_also_from_strided_rows_and_with_rope() {
         let dev = Device::Cpu;
         let (n_kv, hd, t) = (2, 4, 3);
         // A fused projection's output: 3 tokens × (8 other columns, then K's 2 heads × 4).
@@ -160,8 +223,16 @@ mod tests {
 
         let ours = Tensor::zeros((12, hd), DType::F16, &dev).unwrap();
         let rows_t = Tensor::from_vec(rows.clone(), rows.len(), &dev).unwrap();
-        ours.inplace_op3(&k, &rows_t, &KvWrite { n_kv, head_dim: hd })
-            .unwrap();
+        ours.inplace_op3(
+            &k,
+            &rows_t,
+            &KvWrite {
+                n_kv,
+                head_dim: hd,
+                rope: None,
+            },
+        )
+        .unwrap();
 
         let theirs = Tensor::zeros((12, hd), DType::F16, &dev).unwrap();
         let idx: Vec<u32> = rows.iter().flat_map(|&r| [r; 4]).collect();
@@ -183,11 +254,57 @@ mod tests {
         assert_ne!(a[9], vec![f16::ZERO; 4], "row 9 was written");
         assert_eq!(a[1], vec![f16::ZERO; 4], "row 1 was not");
 
+        // With RoPE: the bytes of candle's rope_i, then to_dtype and scatter_set.
+        let angles = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = (0..t * hd / 2).map(|i| f(i as f32 * 0.7 + 0.2)).collect();
+            Tensor::from_vec(v, (t, 1, hd / 2), &dev).unwrap()
+        };
+        let (cos, sin) = (angles(f32::cos), angles(f32::sin));
+        let turned = Tensor::zeros((12, hd), DType::F16, &dev).unwrap();
+        let op = KvWrite {
+            n_kv,
+            head_dim: hd,
+            rope: Some((&cos, &sin)),
+        };
+        turned.inplace_op3(&k, &rows_t, &op).unwrap();
+        let rotated = candle_nn::rotary_emb::rope_i(
+            &k.contiguous().unwrap().reshape((t, n_kv, 1, hd)).unwrap(),
+            &cos,
+            &sin,
+        )
+        .unwrap();
+        let expected = Tensor::zeros((12, hd), DType::F16, &dev).unwrap();
+        let idx: Vec<u32> = rows.iter().flat_map(|&r| [r; 4]).collect();
+        expected
+            .scatter_set(
+                &Tensor::from_vec(idx, (t * n_kv, hd), &dev).unwrap(),
+                &rotated
+                    .to_dtype(DType::F16)
+                    .unwrap()
+                    .reshape((t * n_kv, hd))
+                    .unwrap(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            turned.to_vec2::<f16>().unwrap(),
+            expected.to_vec2::<f16>().unwrap()
+        );
+        assert_ne!(turned.to_vec2::<f16>().unwrap(), a, "RoPE changed the rows");
+
         // A row outside the slab is an error that writes nothing, not a write past its end.
         let fresh = Tensor::zeros((12, hd), DType::F16, &dev).unwrap();
         let bad = Tensor::from_vec(vec![0u32, 1, 2, 3, 4, 12], 6, &dev).unwrap();
         assert!(fresh
-            .inplace_op3(&k, &bad, &KvWrite { n_kv, head_dim: hd })
+            .inplace_op3(
+                &k,
+                &bad,
+                &KvWrite {
+                    n_kv,
+                    head_dim: hd,
+                    rope: None
+                }
+            )
             .is_err());
         assert_eq!(
             fresh.to_vec2::<f16>().unwrap(),

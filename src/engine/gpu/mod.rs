@@ -22,10 +22,12 @@ use candle_core::{DType, Device, Module, Tensor};
 mod attention;
 mod decode_attention;
 mod kv_write;
+mod rope;
 
 use attention::{slab_row, DecodeAttention};
 use decode_attention::PagedDecode;
 use kv_write::KvWrite;
+use rope::RopeRows;
 
 use super::config::ModelConfig;
 use super::kv::{BlockPool, KvShape, BLOCK_LEN};
@@ -110,14 +112,34 @@ pub struct CandleModel {
     kv_writer: KvWriter,
 }
 
-/// How new K/V rows get into the slabs.
+/// How RoPE turns the new Q and K rows, and how new K/V rows get into the slabs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KvWriter {
-    /// Our own kernel ([`KvWrite`]): one thread per value.
+    /// Our own kernels: [`RopeRows`] for the queries, [`KvWrite`] (turning K on the way) for
+    /// the slabs; one launch each, straight from the fused projection's columns.
     Kernel,
-    /// candle's `to_dtype` + `scatter_set` (`SMOLCHAT_KV_WRITE=scatter`): `head_dim` threads
-    /// that walk the step's rows; kept to compare against on a GPU.
+    /// candle's `rope_i` after a contiguous copy, then `to_dtype` + `scatter_set`
+    /// (`SMOLCHAT_KV_WRITE=scatter`): `head_dim` threads that walk the step's rows; kept to
+    /// compare against on a GPU.
     Scatter,
+}
+
+/// The step's RoPE tables (`t × 1 × head_dim / 2` cosines and sines).
+type RopeTables<'a> = Option<(&'a Tensor, &'a Tensor)>;
+
+/// candle's interleaved RoPE over `heads` heads of `hd` at the start of each row.
+fn candle_rope(
+    x: &Tensor,
+    heads: usize,
+    hd: usize,
+    (cos, sin): (&Tensor, &Tensor),
+) -> candle_core::Result<Tensor> {
+    let t = x.dim(0)?;
+    let x = x
+        .narrow(1, 0, heads * hd)?
+        .contiguous()?
+        .reshape((t, heads, 1, hd))?;
+    candle_nn::rotary_emb::rope_i(&x, cos, sin)?.reshape((t, heads * hd))
 }
 
 impl KvWriter {
@@ -136,17 +158,52 @@ impl KvWriter {
         }
     }
 
-    /// Writes `new` (f32, `t × n_kv·hd`, possibly a column range) into `slab`.
+    /// The queries turned by `rope` (f32, `t × n_heads·hd`), or as they are without it.
+    fn queries(
+        self,
+        q: Tensor,
+        (n_heads, hd): (usize, usize),
+        rope: RopeTables,
+    ) -> candle_core::Result<Tensor> {
+        match (self, rope) {
+            (_, None) => Ok(q),
+            (KvWriter::Kernel, Some((cos, sin))) => q.apply_op3_no_bwd(
+                cos,
+                sin,
+                &RopeRows {
+                    heads: n_heads,
+                    head_dim: hd,
+                },
+            ),
+            (KvWriter::Scatter, Some(tables)) => candle_rope(&q, n_heads, hd, tables),
+        }
+    }
+
+    /// Writes `new` (f32, `t × n_kv·hd`, possibly a column range), turned by `rope` if given,
+    /// into `slab`.
     fn write(
         self,
         slab: &Tensor,
         new: &Tensor,
         table: &Tensor,
         (n_kv, hd): (usize, usize),
+        rope: RopeTables,
     ) -> candle_core::Result<()> {
         match self {
-            KvWriter::Kernel => slab.inplace_op3(new, table, &KvWrite { n_kv, head_dim: hd }),
+            KvWriter::Kernel => slab.inplace_op3(
+                new,
+                table,
+                &KvWrite {
+                    n_kv,
+                    head_dim: hd,
+                    rope,
+                },
+            ),
             KvWriter::Scatter => {
+                let new = match rope {
+                    Some(tables) => candle_rope(new, n_kv, hd, tables)?,
+                    None => new.clone(),
+                };
                 let rows = new.to_dtype(DType::F16)?.reshape((table.dim(0)?, hd))?;
                 slab.scatter_set(table, &rows, 0)
             }
@@ -412,22 +469,18 @@ impl CandleModel {
         let mut x = self.embed.embedding(&Tensor::from_vec(tokens, t, dev)?)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let [mut q, mut k, v]: [Tensor; 3] = layer
+            let [q, k, v]: [Tensor; 3] = layer
                 .qkv
                 .forward(&xn)?
                 .try_into()
                 .expect("three projections");
-            if cfg.use_rope[li] {
-                let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
-                    let x = x.contiguous()?.reshape((t, heads, 1, hd))?;
-                    candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?.reshape((t, heads * hd))
-                };
-                q = rope(&q, nh)?;
-                k = rope(&k, nkv)?;
-            }
+            let rope = cfg.use_rope[li].then_some((&cos, &sin));
+            let q = self.kv_writer.queries(q, (nh, hd), rope)?;
             let (slab_k, slab_v) = &self.kv[li];
-            self.kv_writer.write(slab_k, &k, &write_table, (nkv, hd))?;
-            self.kv_writer.write(slab_v, &v, &write_table, (nkv, hd))?;
+            self.kv_writer
+                .write(slab_k, &k, &write_table, (nkv, hd), rope)?;
+            self.kv_writer
+                .write(slab_v, &v, &write_table, (nkv, hd), None)?;
 
             let mut parts = attentions
                 .iter()
