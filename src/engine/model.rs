@@ -257,7 +257,8 @@ pub struct DeviceKernels {
     /// Decode rows through the paged attention kernel, straight from the KV blocks (where it
     /// serves the model's heads); otherwise gathered into padded copies, in groups.
     pub paged_decode: bool,
-    /// New K/V rows through smolchat's kernel; otherwise candle's `scatter_set`.
+    /// RoPE and the new K/V rows through smolchat's kernels; otherwise candle's `rope_i` (after
+    /// a contiguous copy) and `scatter_set`.
     pub kv_write_kernel: bool,
     /// Gathered decode attention: what one more group costs, in padded key rows
     /// (`SMOLCHAT_DECODE_GROUP_COST`; 64 sequences × 256 positions until measured on a GPU).
