@@ -137,7 +137,7 @@ pub(super) fn plan(
     batch: &[SeqInput],
     order: &[usize],
     spans: &[(usize, usize, usize)],
-    nkv: usize,
+    (nkv, slab_blocks): (usize, usize),
 ) -> candle_core::Result<Vec<Attention>> {
     let positions_f32 =
         |range: std::ops::Range<usize>| -> Vec<f32> { range.map(|p| p as f32).collect() };
@@ -169,7 +169,7 @@ pub(super) fn plan(
                 row0: 0,
                 kind: Kind::Paged {
                     b: decode,
-                    table: PagedDecode::table(&rows, dev)?,
+                    table: PagedDecode::table(&rows, slab_blocks, dev)?,
                 },
             });
         }

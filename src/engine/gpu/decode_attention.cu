@@ -20,7 +20,8 @@ __device__ void decode_attention(
     float *__restrict__ out,             // row s: n_kv * group * HD, contiguous
     const uint32_t n_kv, const uint32_t group, const uint32_t q_stride,
     const uint32_t table_stride, const float scale) {
-  constexpr int PER = (HD + 31) / 32;  // values of a row per lane
+  constexpr int PER = (HD + 31) / 32;  // values of a row per lane: d = i * 32 + lane, so a
+                                       // warp reads (and stores) 32 neighbours at a time
   const uint32_t seq = blockIdx.x, kh = blockIdx.y;
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t *row = table + (size_t)seq * table_stride;
@@ -34,7 +35,7 @@ __device__ void decode_attention(
     l[g] = 0.f;
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-      const int d = lane * PER + i;
+      const int d = i * 32 + lane;
       acc[g][i] = 0.f;
       qr[g][i] = (g < group && d < HD)
                      ? q[(size_t)seq * q_stride + (kh * group + g) * HD + d] * scale
@@ -47,7 +48,7 @@ __device__ void decode_attention(
     float kf[PER], vf[PER];
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-      const int d = lane * PER + i;
+      const int d = i * 32 + lane;
       kf[i] = d < HD ? __half2float(slab_k[r * HD + d]) : 0.f;
       vf[i] = d < HD ? __half2float(slab_v[r * HD + d]) : 0.f;
     }
@@ -80,7 +81,7 @@ __device__ void decode_attention(
       sl[warp][g] = l[g];
     }
 #pragma unroll
-    for (int i = 0; i < PER; ++i) sacc[warp][g][lane * PER + i] = acc[g][i];
+    for (int i = 0; i < PER; ++i) sacc[warp][g][i * 32 + lane] = acc[g][i];
   }
   __syncthreads();
   for (uint32_t idx = threadIdx.x; idx < group * HD; idx += blockDim.x) {

@@ -32,8 +32,14 @@ impl PagedDecode<'_> {
         KERNEL_HEAD_DIMS.contains(&head_dim) && (1..=KERNEL_MAX_GROUP).contains(&group)
     }
 
-    /// A step's table: per decode row its cache length, then its block ids (zero-padded).
-    pub fn table(rows: &[(usize, &[u32])], dev: &candle_core::Device) -> Result<Tensor> {
+    /// A step's table: per decode row its cache length, then its block ids (zero-padded). Every
+    /// id must be below `slab_blocks`: checked here, on the host, since the GPU kernel reads
+    /// where the table points.
+    pub fn table(
+        rows: &[(usize, &[u32])],
+        slab_blocks: usize,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
         let width = 1 + rows
             .iter()
             .map(|(len, _)| len.div_ceil(BLOCK_LEN))
@@ -44,6 +50,9 @@ impl PagedDecode<'_> {
             let used = len.div_ceil(BLOCK_LEN);
             if ids.len() < used {
                 bail!("paged decode: {len} positions but {} blocks", ids.len());
+            }
+            if let Some(b) = ids[..used].iter().find(|&&b| b as usize >= slab_blocks) {
+                bail!("paged decode: block {b} is outside the {slab_blocks} of the slabs");
             }
             row[0] = *len as u32;
             row[1..1 + used].copy_from_slice(&ids[..used]);
@@ -259,7 +268,7 @@ mod tests {
         let (k, v) = (slab(1), slab(2));
         // Two sequences: 40 positions in blocks 4 and 1; 7 positions in block 2.
         let caches: [(usize, &[u32]); 2] = [(40, &[4, 1]), (7, &[2])];
-        let table = PagedDecode::table(&caches, &dev).unwrap();
+        let table = PagedDecode::table(&caches, blocks, &dev).unwrap();
         assert_eq!(table.dims(), &[2, 3]);
         // Queries as a column range of a wider projection, as the fused QKV output gives them.
         let width = nkv * group * hd;
@@ -311,14 +320,17 @@ mod tests {
             }
         }
 
-        // A table that points outside the slab is an error, not a read past its end.
-        let bad = PagedDecode::table(&[(3, &[blocks as u32])], &dev).unwrap();
+        // A table that points outside the slabs is refused when it is made (the GPU kernel
+        // would read where it points); the CPU side checks again.
+        let past = [blocks as u32];
+        assert!(PagedDecode::table(&[(3, &past)], blocks, &dev).is_err());
+        let bad = PagedDecode::table(&[(3, &past)], blocks + 1, &dev).unwrap();
         let one = wide.narrow(0, 0, 1).unwrap().narrow(1, 8, width).unwrap();
         let k16 = slab(1);
         assert!(one
             .apply_op3_no_bwd(&k16, &k16, &PagedDecode { table: &bad, ..op })
             .is_err());
         // So is a cache longer than its blocks.
-        assert!(PagedDecode::table(&[(33, &[0])], &dev).is_err());
+        assert!(PagedDecode::table(&[(33, &[0])], blocks, &dev).is_err());
     }
 }

@@ -46,6 +46,9 @@ impl KvWrite<'_> {
                 self.n_kv
             );
         }
+        if self.rope.is_some() && hd % 2 == 1 {
+            bail!("kv-write: RoPE turns pairs: head size {hd} is odd");
+        }
         if !rows.is_contiguous() || slab_rows > u32::MAX as usize {
             bail!("kv-write: rows must be contiguous u32 slab rows");
         }
@@ -145,7 +148,7 @@ impl InplaceOp3 for KvWrite<'_> {
         let rows = rows
             .as_cuda_slice::<u32>()?
             .slice(o.rows..o.rows + o.n_rows);
-        let slab = slab.as_cuda_slice_mut::<f16>()?.slice(o.slab..);
+        let mut slab = slab.as_cuda_slice_mut::<f16>()?.slice_mut(o.slab..);
         let t = o.n_rows / self.n_kv;
         let guards = self
             .rope
@@ -177,7 +180,7 @@ impl InplaceOp3 for KvWrite<'_> {
         let mut builder = func.builder();
         builder.arg(&src);
         builder.arg(&rows);
-        builder.arg(&slab);
+        builder.arg(&mut slab);
         candle_core::builder_arg!(
             builder,
             o.n_rows as u32,

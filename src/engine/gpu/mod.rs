@@ -445,6 +445,12 @@ impl CandleModel {
             positions.extend(start..start + n);
         }
         let t = tokens.len();
+        // The kernels write and read where the tables point: the rows are checked here, once.
+        let slab_blocks = self.pool.total();
+        let slab_rows = slab_blocks * nkv * BLOCK_LEN;
+        if let Some(r) = write_rows.iter().find(|&&r| r as usize >= slab_rows) {
+            candle_core::bail!("KV row {r} is outside the {slab_rows} rows of the slabs");
+        }
         let write_table = self.kv_writer.table(&write_rows, hd, dev)?;
         let (mut cos, mut sin) = rope_tables(&self.inv_freq, &positions);
         let rotated = self.inv_freq.len();
@@ -464,7 +470,14 @@ impl CandleModel {
         }
         let cos = Tensor::from_vec(cos, (t, 1, hd / 2), dev)?;
         let sin = Tensor::from_vec(sin, (t, 1, hd / 2), dev)?;
-        let attentions = attention::plan(dev, self.decode_attention, batch, &order, &spans, nkv)?;
+        let attentions = attention::plan(
+            dev,
+            self.decode_attention,
+            batch,
+            &order,
+            &spans,
+            (nkv, slab_blocks),
+        )?;
 
         let mut x = self.embed.embedding(&Tensor::from_vec(tokens, t, dev)?)?;
         for (li, layer) in self.layers.iter().enumerate() {
