@@ -50,17 +50,20 @@ pub(super) struct Attention {
 enum Kind {
     /// `b` decode rows, each over its own cache through its block table ([`PagedDecode`]).
     Paged { b: usize, table: Tensor },
-    /// `b` decode rows gathered into copies padded to the longest (`len`) and masked, or one
-    /// prompt chunk of `q_rows` rows (`b` = 1), causal over its cache; candle's matmuls.
-    Gathered {
-        b: usize,
-        q_rows: usize,
-        len: usize,
-        /// Slab rows, `b × n_kv × len`.
-        gather: Tensor,
-        /// 0 or [`MASKED`], `b × 1 × 1 × len` for decode rows, `q_rows × len` for a prompt chunk.
-        mask: Tensor,
-    },
+    /// Rows gathered into copies of their caches; candle's matmuls.
+    Gathered(Gathered),
+}
+
+/// `b` decode rows gathered into copies padded to the longest (`len`) and masked, or one prompt
+/// chunk of `q_rows` rows (`b` = 1), causal over its cache.
+struct Gathered {
+    b: usize,
+    q_rows: usize,
+    len: usize,
+    /// Slab rows, `b × n_kv × len`.
+    gather: Tensor,
+    /// 0 or [`MASKED`], `b × 1 × 1 × len` for decode rows, `q_rows × len` for a prompt chunk.
+    mask: Tensor,
 }
 
 impl Attention {
@@ -87,38 +90,18 @@ impl Attention {
                     scale: scale as f32,
                 },
             ),
-            Kind::Gathered {
-                b,
-                q_rows,
-                len,
-                gather,
-                mask,
-            } => {
-                let keys = slab_k.index_select(gather, 0)?.to_dtype(DType::F32)?;
-                let values = slab_v.index_select(gather, 0)?.to_dtype(DType::F32)?;
-                let q = (q.narrow(0, self.row0, b * q_rows)? * scale)?;
-                let shape = Gathered {
-                    b: *b,
-                    q_rows: *q_rows,
-                    len: *len,
-                    mask,
-                };
-                if *q_rows == 1 {
-                    decode_attention(&shape, &q, &keys, &values, (nkv, group, hd))
+            Kind::Gathered(g) => {
+                let keys = slab_k.index_select(&g.gather, 0)?.to_dtype(DType::F32)?;
+                let values = slab_v.index_select(&g.gather, 0)?.to_dtype(DType::F32)?;
+                let q = (q.narrow(0, self.row0, g.b * g.q_rows)? * scale)?;
+                if g.q_rows == 1 {
+                    decode_attention(g, &q, &keys, &values, (nkv, group, hd))
                 } else {
-                    chunk_attention(&shape, &q, &keys, &values, (nkv, group, hd))
+                    chunk_attention(g, &q, &keys, &values, (nkv, group, hd))
                 }
             }
         }
     }
-}
-
-/// The sizes of one gathered attention.
-struct Gathered<'a> {
-    b: usize,
-    q_rows: usize,
-    len: usize,
-    mask: &'a Tensor,
 }
 
 /// How a step's decode rows are attended.
@@ -188,13 +171,13 @@ pub(super) fn plan(
                 let q_pos = lens[g.clone()].iter().map(|&l| (l - 1) as f32).collect();
                 out.push(Attention {
                     row0: g.start,
-                    kind: Kind::Gathered {
+                    kind: Kind::Gathered(Gathered {
                         b,
                         q_rows: 1,
                         len,
                         gather: Tensor::from_vec(gather, b * nkv * len, dev)?,
                         mask: mask(q_pos, len)?.reshape((b, 1, 1, len))?,
-                    },
+                    }),
                 });
             }
         }
@@ -207,13 +190,13 @@ pub(super) fn plan(
             .collect();
         out.push(Attention {
             row0,
-            kind: Kind::Gathered {
+            kind: Kind::Gathered(Gathered {
                 b: 1,
                 q_rows: n,
                 len,
                 gather: Tensor::from_vec(gather, nkv * len, dev)?,
                 mask: mask(positions_f32(start..start + n), len)?,
-            },
+            }),
         });
     }
     Ok(out)
@@ -235,7 +218,7 @@ fn decode_attention(
     let q = q.reshape((a.b, nkv, group, hd))?;
     let keys = keys.reshape((a.b, nkv, a.len, hd))?;
     let values = values.reshape((a.b, nkv, a.len, hd))?;
-    let p = masked_softmax(&q.matmul(&keys.t()?)?, a.mask)?; // b × nkv × group × len
+    let p = masked_softmax(&q.matmul(&keys.t()?)?, &a.mask)?; // b × nkv × group × len
     p.matmul(&values)?.reshape((a.b, nkv * group * hd))
 }
 
@@ -257,7 +240,7 @@ fn chunk_attention(
     let keys = keys.reshape((nkv, a.len, hd))?;
     let values = values.reshape((nkv, a.len, hd))?;
     let scores = q.matmul(&keys.t()?)?.reshape((nkv, group, n, a.len))?;
-    let p = masked_softmax(&scores, a.mask)?.reshape((nkv, group * n, a.len))?;
+    let p = masked_softmax(&scores, &a.mask)?.reshape((nkv, group * n, a.len))?;
     p.matmul(&values)?
         .reshape((nkv, group, n, hd))?
         .permute((2, 0, 1, 3))?

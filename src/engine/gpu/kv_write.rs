@@ -258,11 +258,8 @@ mod tests {
         assert_eq!(a[1], vec![f16::ZERO; 4], "row 1 was not");
 
         // With RoPE: the bytes of candle's rope_i, then to_dtype and scatter_set.
-        let angles = |f: fn(f32) -> f32| {
-            let v: Vec<f32> = (0..t * hd / 2).map(|i| f(i as f32 * 0.7 + 0.2)).collect();
-            Tensor::from_vec(v, (t, 1, hd / 2), &dev).unwrap()
-        };
-        let (cos, sin) = (angles(f32::cos), angles(f32::sin));
+        let tables = super::super::rope::test_tables;
+        let (cos, sin) = (tables(t, hd, f32::cos), tables(t, hd, f32::sin));
         let turned = Tensor::zeros((12, hd), DType::F16, &dev).unwrap();
         let op = KvWrite {
             n_kv,

@@ -133,6 +133,13 @@ impl CustomOp3 for RopeRows {
     }
 }
 
+/// RoPE tables of `t` tokens for the tests: `f` (cos or sin) of made-up angles, `t × 1 × hd/2`.
+#[cfg(test)]
+pub(super) fn test_tables(t: usize, hd: usize, f: fn(f32) -> f32) -> candle_core::Tensor {
+    let v: Vec<f32> = (0..t * hd / 2).map(|i| f(i as f32 * 0.3 + 0.1)).collect();
+    candle_core::Tensor::from_vec(v, (t, 1, hd / 2), &candle_core::Device::Cpu).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,11 +158,7 @@ mod tests {
         )
         .unwrap();
         let x = wide.narrow(1, 4, heads * hd).unwrap();
-        let angles = |f: fn(f32) -> f32| {
-            let v: Vec<f32> = (0..t * hd / 2).map(|i| f(i as f32 * 0.3 + 0.1)).collect();
-            Tensor::from_vec(v, (t, 1, hd / 2), &dev).unwrap()
-        };
-        let (cos, sin) = (angles(f32::cos), angles(f32::sin));
+        let (cos, sin) = (test_tables(t, hd, f32::cos), test_tables(t, hd, f32::sin));
         let ours = x
             .apply_op3_no_bwd(
                 &cos,
