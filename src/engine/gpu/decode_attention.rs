@@ -6,6 +6,8 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
+#[cfg(any(test, feature = "cuda"))]
+use super::launch::{size, Launch, Scalar};
 use crate::engine::kv::BLOCK_LEN;
 
 /// Head sizes the GPU kernel is built for (`decode_attention_<hd>`).
@@ -58,6 +60,24 @@ impl PagedDecode<'_> {
             row[1..1 + used].copy_from_slice(&ids[..used]);
         }
         Tensor::from_vec(t, (rows.len(), width), dev)
+    }
+
+    /// The kernel's launch for `b` rows whose queries are `q_stride` apart: a block of 8 warps
+    /// (`WARPS` in the kernel) per row and KV head.
+    #[cfg(any(test, feature = "cuda"))]
+    pub fn launch(&self, b: usize, q_stride: usize) -> Result<Launch> {
+        Ok(Launch {
+            kernel: format!("decode_attention_{}", self.head_dim),
+            grid: [size(b)?, size(self.n_kv)?, 1],
+            block: [256, 1, 1],
+            scalars: vec![
+                Scalar::size(self.n_kv)?,
+                Scalar::size(self.group)?,
+                Scalar::size(q_stride)?,
+                Scalar::size(self.table.dim(1)?)?,
+                Scalar::F32(self.scale),
+            ],
+        })
     }
 
     fn width(&self) -> usize {
@@ -181,7 +201,7 @@ impl CustomOp3 for PagedDecode<'_> {
         v_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
@@ -194,9 +214,9 @@ impl CustomOp3 for PagedDecode<'_> {
                 self.group
             );
         }
+        let launch = self.launch(b, q_stride)?;
         let dev = q.device().clone();
-        let name = format!("decode_attention_{}", self.head_dim);
-        let func = dev.get_or_load_custom_func(&name, "smolchat_decode_attention", PTX)?;
+        let func = dev.get_or_load_custom_func(&launch.kernel, "smolchat_decode_attention", PTX)?;
         let (table, table_l) = self.table.storage_and_layout();
         let Storage::Cuda(table) = &*table else {
             bail!("paged decode: the table must be on the GPU");
@@ -209,27 +229,15 @@ impl CustomOp3 for PagedDecode<'_> {
         let v = v.as_cuda_slice::<half::f16>()?.slice(v_l.start_offset()..);
         // SAFETY: every value is written by the kernel before it is read.
         let out = unsafe { dev.alloc::<f32>(b * self.width())? };
-        let cfg = LaunchConfig {
-            grid_dim: (b as u32, self.n_kv as u32, 1),
-            block_dim: (256, 1, 1), // WARPS × 32 in the kernel
-            shared_mem_bytes: 0,
-        };
         let mut builder = func.builder();
         builder.arg(&q);
         builder.arg(&k);
         builder.arg(&v);
         builder.arg(&table);
         builder.arg(&out);
-        candle_core::builder_arg!(
-            builder,
-            self.n_kv as u32,
-            self.group as u32,
-            q_stride as u32,
-            self.table.dim(1)? as u32,
-            self.scale
-        );
+        launch.push_scalars(&mut builder);
         // SAFETY: the operands were checked above; the block ids come from the block pool.
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { builder.launch(launch.config()) }.w()?;
         let out = candle_core::CudaStorage::wrap_cuda_slice(out, dev);
         Ok((out, Shape::from((b, self.width()))))
     }
@@ -237,21 +245,9 @@ impl CustomOp3 for PagedDecode<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values as values;
     use super::*;
     use candle_core::{DType, Device, Tensor};
-
-    /// Small random-looking values, the same every run.
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x % 2000) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn paged_decode_matches_softmax_attention_over_each_cache() {

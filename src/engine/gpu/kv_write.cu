@@ -9,12 +9,12 @@ extern "C" __global__ void kv_write_f32(
     const float *src,          // t x src_stride, KV head h of token i at [i * src_stride + h * head_dim]
     const unsigned int *rows,  // t * n_kv slab rows
     __half *slab,              // slab rows of head_dim values
+    const float *cos,          // t x head_dim / 2, when rotate
+    const float *sin,
     const unsigned int n_rows,
     const unsigned int head_dim,
     const unsigned int n_kv,
     const unsigned int src_stride,
-    const float *cos,          // t x head_dim / 2, when rotate
-    const float *sin,
     const unsigned int rotate) {
   const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n_rows * head_dim) return;

@@ -7,6 +7,8 @@
 use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor};
 use half::f16;
 
+#[cfg(any(test, feature = "cuda"))]
+use super::launch::{Launch, Scalar};
 use super::rope::{cpu_tables, turned};
 
 /// Writes `src` (f32, `t × ·` with `n_kv` heads of `head_dim` values at the start of each row;
@@ -31,6 +33,23 @@ struct Operands {
 }
 
 impl KvWrite<'_> {
+    /// The kernel's launch for `n_rows` rows from a source whose rows are `src_stride` apart:
+    /// a thread per value.
+    #[cfg(any(test, feature = "cuda"))]
+    pub fn launch(&self, n_rows: usize, src_stride: usize) -> Result<Launch> {
+        Launch::per_value(
+            "kv_write_f32",
+            n_rows * self.head_dim,
+            vec![
+                Scalar::size(n_rows)?,
+                Scalar::size(self.head_dim)?,
+                Scalar::size(self.n_kv)?,
+                Scalar::size(src_stride)?,
+                Scalar::U32(self.rope.is_some() as u32),
+            ],
+        )
+    }
+
     fn operands(&self, slab: &Layout, src: &Layout, rows: &Layout) -> Result<Operands> {
         let hd = self.head_dim;
         let (slab_rows, width) = slab.shape().dims2()?;
@@ -133,7 +152,7 @@ impl InplaceOp3 for KvWrite<'_> {
         rows_l: &Layout,
     ) -> Result<()> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kv_write.ptx"));
@@ -142,8 +161,9 @@ impl InplaceOp3 for KvWrite<'_> {
         if values == 0 {
             return Ok(());
         }
+        let launch = self.launch(o.n_rows, o.src_stride)?;
         let dev = slab.device().clone();
-        let func = dev.get_or_load_custom_func("kv_write_f32", "smolchat_kv_write", PTX)?;
+        let func = dev.get_or_load_custom_func(&launch.kernel, "smolchat_kv_write", PTX)?;
         let src = src.as_cuda_slice::<f32>()?.slice(o.src..);
         let rows = rows
             .as_cuda_slice::<u32>()?
@@ -177,27 +197,20 @@ impl InplaceOp3 for KvWrite<'_> {
             }
             None => None,
         };
-        let mut builder = func.builder();
-        builder.arg(&src);
-        builder.arg(&rows);
-        builder.arg(&mut slab);
-        candle_core::builder_arg!(
-            builder,
-            o.n_rows as u32,
-            self.head_dim as u32,
-            self.n_kv as u32,
-            o.src_stride as u32
-        );
         // Without RoPE the kernel reads no table: the source stands in for both pointers.
         let (cos, sin) = match &tables {
             Some((c, s)) => (c, s),
             None => (&src, &src),
         };
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&rows);
+        builder.arg(&mut slab);
         builder.arg(cos);
         builder.arg(sin);
-        candle_core::builder_arg!(builder, tables.is_some() as u32);
+        launch.push_scalars(&mut builder);
         // SAFETY: the operands were checked above; the slab rows come from the block pool.
-        unsafe { builder.launch(LaunchConfig::for_num_elems(values as u32)) }.w()?;
+        unsafe { builder.launch(launch.config()) }.w()?;
         Ok(())
     }
 }

@@ -22,7 +22,11 @@ use candle_core::{DType, Device, Module, Tensor};
 
 mod attention;
 mod decode_attention;
+#[cfg(test)]
+mod emulator;
 mod kv_write;
+#[cfg(any(test, feature = "cuda"))]
+mod launch;
 mod rope;
 
 use attention::{slab_row, DecodeAttention};
@@ -543,6 +547,20 @@ impl CandleModel {
         by_internal.sort_by_key(|(i, _)| *i);
         Ok(by_internal.into_iter().map(|(_, l)| l).collect())
     }
+}
+
+/// Small random-looking values in [-1, 1), the same every run (the kernels' tests).
+#[cfg(test)]
+fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect()
 }
 
 #[cfg(test)]

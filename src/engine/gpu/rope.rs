@@ -6,6 +6,9 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage};
 
+#[cfg(any(test, feature = "cuda"))]
+use super::launch::{Launch, Scalar};
+
 /// Value `c` of one head's row after turning pair `c / 2` by the angle whose cosine and sine
 /// are `cos[c / 2]`, `sin[c / 2]` (interleaved pairs, as candle's `rope_i`).
 pub(super) fn turned(row: &[f32], c: usize, cos: &[f32], sin: &[f32]) -> f32 {
@@ -41,6 +44,21 @@ pub(super) struct RopeRows {
 }
 
 impl RopeRows {
+    /// The kernel's launch for `t` tokens whose rows are `src_stride` apart: a thread per value.
+    #[cfg(any(test, feature = "cuda"))]
+    pub fn launch(&self, t: usize, src_stride: usize) -> Result<Launch> {
+        Launch::per_value(
+            "rope_rows_f32",
+            t * self.heads * self.head_dim,
+            vec![
+                Scalar::size(t)?,
+                Scalar::size(self.heads)?,
+                Scalar::size(self.head_dim)?,
+                Scalar::size(src_stride)?,
+            ],
+        )
+    }
+
     /// (tokens, the source's row stride).
     fn check(&self, src: &Layout, cos: &Layout, sin: &Layout) -> Result<(usize, usize)> {
         let (t, cols) = src.shape().dims2()?;
@@ -101,14 +119,15 @@ impl CustomOp3 for RopeRows {
         sin_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
         let (t, stride) = self.check(src_l, cos_l, sin_l)?;
         let width = self.heads * self.head_dim;
+        let launch = self.launch(t, stride)?;
         let dev = src.device().clone();
-        let func = dev.get_or_load_custom_func("rope_rows_f32", "smolchat_rope", PTX)?;
+        let func = dev.get_or_load_custom_func(&launch.kernel, "smolchat_rope", PTX)?;
         let src = src.as_cuda_slice::<f32>()?.slice(src_l.start_offset()..);
         let cos = cos.as_cuda_slice::<f32>()?.slice(cos_l.start_offset()..);
         let sin = sin.as_cuda_slice::<f32>()?.slice(sin_l.start_offset()..);
@@ -119,15 +138,9 @@ impl CustomOp3 for RopeRows {
         builder.arg(&cos);
         builder.arg(&sin);
         builder.arg(&out);
-        candle_core::builder_arg!(
-            builder,
-            t as u32,
-            self.heads as u32,
-            self.head_dim as u32,
-            stride as u32
-        );
+        launch.push_scalars(&mut builder);
         // SAFETY: the operands were checked above.
-        unsafe { builder.launch(LaunchConfig::for_num_elems((t * width).max(1) as u32)) }.w()?;
+        unsafe { builder.launch(launch.config()) }.w()?;
         let out = candle_core::CudaStorage::wrap_cuda_slice(out, dev);
         Ok((out, Shape::from((t, width))))
     }
