@@ -657,3 +657,90 @@ async fn shutdown_closes_sockets_with_1001_and_keeps_the_partial_answer() {
         answer.content
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_basic_auth_leaves_the_cookie_to_speak_and_dropped_upgrades_give_their_sockets_back(
+) {
+    let srv = server(
+        "proxy",
+        SchedulerConfig::cpu(),
+        Limits {
+            sockets_per_user: 2,
+            ..limits()
+        },
+    )
+    .await;
+    let cookie = visitor(srv.addr).await;
+    // Behind a proxy with basic auth every request carries `Authorization: Basic`: the cookie
+    // still says who it is (no second identity, no new cookie).
+    let basic = "Basic dXNlcjpwYXNzd29yZA==";
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("http://{}/", srv.addr))
+        .header("cookie", &cookie)
+        .header("authorization", basic)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert!(r.headers().get("set-cookie").is_none(), "the same visitor");
+    let listed = http
+        .get(format!("http://{}/api/conversations", srv.addr))
+        .header("cookie", &cookie)
+        .header("authorization", basic)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    let hello_user = |mut ws: Ws| async move {
+        let hello = next(&mut ws).await;
+        (hello["user_id"].as_str().unwrap().to_owned(), ws)
+    };
+    let (me, first) = hello_user(connect_raw(srv.addr, &cookie, None).await).await;
+    let (behind_proxy, second) =
+        hello_user(connect_raw(srv.addr, &cookie, Some(basic)).await).await;
+    assert_eq!(me, behind_proxy);
+    drop((first, second));
+
+    // Clients that ask for an upgrade and reset the connection at once: whether or not the
+    // upgrade completes, each socket slot comes back.
+    for _ in 0..6 {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {0}\r\nOrigin: http://{0}\r\nCookie: {cookie}\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            srv.addr
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        tcp.set_zero_linger().unwrap();
+        drop(tcp); // RST
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a = connect(srv.addr, &cookie).await;
+    let b = connect(srv.addr, &cookie).await;
+    let mut req = format!("ws://{}/ws", srv.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(
+        err.to_string().contains("429"),
+        "the limit still holds: {err}"
+    );
+    drop((a, b));
+    srv.shutdown().await;
+}
+
+/// A socket with the cookie (and `authorization`, if given), before its `hello` is read.
+async fn connect_raw(addr: SocketAddr, cookie: &str, authorization: Option<&str>) -> Ws {
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    if let Some(a) = authorization {
+        req.headers_mut()
+            .insert("authorization", a.parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws
+}

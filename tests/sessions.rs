@@ -7,10 +7,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{call, Actor, ActorRef};
+use ractor::{call, Actor, ActorProcessingErr, ActorRef};
+use smolchat::actors::model_actor::{JobDone, JobEvent, JobId, ModelStatus};
 use smolchat::actors::registry::{RegistryArgs, RegistryMsg, SessionRegistry};
 use smolchat::actors::session::{SessionError, SessionEvent, SessionMsg, Snapshot};
 use smolchat::actors::{ModelActor, ModelMsg, SchedulerConfig};
+use smolchat::engine::generate::FinishReason;
+use smolchat::engine::reasoning::Channel;
 use smolchat::engine::Engine;
 use smolchat::store::{ConversationId, MessageId, MessageStatus, Role, Settings, Store, UserId};
 use tokio::sync::mpsc;
@@ -29,6 +32,8 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 struct World {
+    /// The SQLite file the store has open.
+    db: PathBuf,
     store: Store,
     model: ActorRef<ModelMsg>,
     registry: ActorRef<RegistryMsg>,
@@ -37,12 +42,16 @@ struct World {
 }
 
 async fn world(name: &str, max_tokens: usize) -> World {
-    let store = Store::open(&temp_dir(name).join("smolchat.db"))
-        .await
-        .unwrap();
     let (model, _) = Actor::spawn(None, ModelActor, (engine(), SchedulerConfig::cpu()))
         .await
         .unwrap();
+    world_with(name, max_tokens, model).await
+}
+
+/// A world whose sessions ask `model`.
+async fn world_with(name: &str, max_tokens: usize, model: ActorRef<ModelMsg>) -> World {
+    let db = temp_dir(name).join("smolchat.db");
+    let store = Store::open(&db).await.unwrap();
     let args = RegistryArgs {
         store: store.clone(),
         model: model.clone(),
@@ -62,6 +71,7 @@ async fn world(name: &str, max_tokens: usize) -> World {
         .unwrap()
         .id;
     World {
+        db,
         store,
         model,
         registry,
@@ -594,4 +604,198 @@ async fn a_failed_session_is_restarted_from_the_store_with_its_answer_interrupte
     call!(w.session().await, SessionMsg::Stop).unwrap();
     let (_, done) = until_done(&mut rx2).await;
     assert_eq!(done.status, MessageStatus::Complete);
+}
+
+/// Every write of an answer's text fails, through a trigger put into the real SQLite file from
+/// a connection of its own, until the trigger is dropped.
+async fn failing_answer_writes(db: &std::path::Path) -> sqlx::SqliteConnection {
+    use sqlx::{ConnectOptions, Executor};
+    let mut c = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .connect()
+        .await
+        .unwrap();
+    c.execute(
+        "CREATE TRIGGER injected_fault BEFORE UPDATE OF content ON messages \
+         WHEN NEW.role = 'assistant' BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+    )
+    .await
+    .unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_store_refuses_to_write_streams_on_and_is_stored_once_it_can_be() {
+    use sqlx::Executor;
+    let w = world("store-fault", 48).await;
+    let (_, mut rx) = w.subscribe(1024).await;
+    let mut fault = failing_answer_writes(&w.db).await;
+    let session = w.session().await;
+    w.send("Tell me about foxes.").await.unwrap();
+    // The whole answer streams although no checkpoint (nor the final write) lands: the model
+    // is done when nothing has come for a while.
+    let mut streamed = String::new();
+    let mut answer = None;
+    while let Ok(ev) = tokio::time::timeout(Duration::from_secs(4), rx.recv()).await {
+        match ev.expect("the session keeps its subscribers") {
+            SessionEvent::MessageStarted { message, .. } => answer = Some(message.id),
+            SessionEvent::Delta { text, .. } => streamed.push_str(&text),
+            SessionEvent::MessageDone { .. } => panic!("done although nothing was stored"),
+            _ => {}
+        }
+    }
+    assert!(!streamed.is_empty());
+    let answer = answer.expect("the answer started");
+    assert_eq!(
+        w.session().await.get_id(),
+        session.get_id(),
+        "the same actor"
+    );
+    assert!(
+        call!(session, SessionMsg::IsGenerating).unwrap(),
+        "an answer not yet stored is still the active one"
+    );
+    assert!(matches!(
+        w.send("Another question?").await,
+        Err(SessionError::Generating)
+    ));
+    let stored = w.store.message(w.user, answer).await.unwrap();
+    assert_eq!(stored.status, MessageStatus::Streaming);
+    assert_eq!(stored.content, "", "no write got through");
+
+    // The store recovers: the next tick writes the answer whole, and only then is it done.
+    fault.execute("DROP TRIGGER injected_fault").await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match rx.recv().await.expect("still subscribed") {
+                SessionEvent::MessageDone { message } => return message,
+                SessionEvent::Delta { .. } => panic!("a delta after the answer ended"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the answer is stored once the store takes writes again");
+    assert_eq!(done.id, answer);
+    assert_eq!(done.status, MessageStatus::Complete);
+    assert_eq!(done.content, streamed);
+    assert_eq!(
+        w.store.message(w.user, answer).await.unwrap().content,
+        streamed
+    );
+    assert!(!call!(session, SessionMsg::IsGenerating).unwrap());
+}
+
+/// How [`FaultyModel`] misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Every answer is `a`, a NUL byte, `b` (a byte-level token can decode to NUL), then done.
+    Nul,
+    /// The same text, then the job's sink is dropped without `Done` or `Error`, as a model
+    /// actor that fails mid-job leaves it.
+    Vanish,
+}
+
+/// A model actor that misbehaves on purpose (fault injection at the session's other end).
+struct FaultyModel;
+
+impl Actor for FaultyModel {
+    type Msg = ModelMsg;
+    type State = (Fault, u64);
+    type Arguments = Fault;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<ModelMsg>,
+        fault: Fault,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok((fault, 0))
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<ModelMsg>,
+        msg: ModelMsg,
+        (fault, jobs): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ModelMsg::Submit(job, reply) => {
+                *jobs += 1;
+                let fault = *fault;
+                let prompt_tokens = job.prompt.len();
+                tokio::spawn(async move {
+                    let piece = (Channel::Answer, "a\0b".to_owned());
+                    let token = JobEvent::Token {
+                        id: 0,
+                        pieces: vec![piece],
+                    };
+                    let _ = job.sink.send(token).await;
+                    if let Fault::Nul = fault {
+                        let done = JobDone {
+                            finish_reason: FinishReason::Stop,
+                            prompt_tokens,
+                            cached_tokens: 0,
+                            generated_tokens: 1,
+                            time_to_first_token_ms: 1.0,
+                            decode_tokens_per_second: 1.0,
+                        };
+                        let _ = job.sink.send(JobEvent::Done(done)).await;
+                    }
+                });
+                let _ = reply.send(Ok(JobId(*jobs)));
+            }
+            ModelMsg::Cancel(_) => {}
+            ModelMsg::Status(reply) => {
+                let _ = reply.send(ModelStatus::default());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_from_the_model_is_stored_as_a_replacement_and_a_job_that_vanishes_ends_as_an_error()
+{
+    for fault in [Fault::Nul, Fault::Vanish] {
+        let (model, _) = Actor::spawn(None, FaultyModel, fault).await.unwrap();
+        let w = world_with(&format!("faulty-{fault:?}"), 16, model).await;
+        let (_, mut rx) = w.subscribe(64).await;
+        let session = w.session().await;
+        w.send("Hello?").await.unwrap();
+        let (mut streamed, mut error) = (String::new(), None);
+        let done = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match rx.recv().await.expect("the session keeps its subscribers") {
+                    SessionEvent::Delta { text, .. } => streamed.push_str(&text),
+                    SessionEvent::Error { code, .. } => error = Some(code),
+                    SessionEvent::MessageDone { message } => return message,
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{fault:?}: the answer never ended"));
+        assert_eq!(
+            streamed, "a\u{FFFD}b",
+            "{fault:?}: what the subscribers saw"
+        );
+        assert_eq!(done.content, streamed, "{fault:?}: what was stored");
+        match fault {
+            Fault::Nul => {
+                assert_eq!(done.status, MessageStatus::Complete);
+                assert_eq!(error, None);
+            }
+            Fault::Vanish => {
+                assert_eq!(done.status, MessageStatus::Error);
+                assert_eq!(error.as_deref(), Some("unavailable"));
+            }
+        }
+        assert_eq!(
+            w.session().await.get_id(),
+            session.get_id(),
+            "the same actor"
+        );
+        // The conversation goes on.
+        w.send("Again?").await.unwrap();
+    }
 }

@@ -284,3 +284,28 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
     assert_eq!(store.user_for_token("nope").await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_title_made_from_a_long_first_message_can_be_given_again() {
+    let store = Store::open(&db_path("title")).await.unwrap();
+    let u = store.create_user().await.unwrap();
+    let c = store
+        .create_conversation(u, "", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    // 70 four-byte characters: 60 of them would be 240 bytes, over the 200 a title may have.
+    let text = "🦊".repeat(70);
+    store
+        .add_message(u, c.id, None, Role::User, &text, MessageStatus::Complete)
+        .await
+        .unwrap();
+    let title = store.conversation(u, c.id).await.unwrap().title;
+    assert!(title.starts_with("🦊") && title.ends_with('…'), "{title}");
+    assert!(title.len() <= 200, "{} bytes", title.len());
+    let patch = ConversationPatch {
+        title: Some(title.clone()),
+        ..Default::default()
+    };
+    store.update_conversation(u, c.id, &patch).await.unwrap();
+    assert_eq!(store.conversation(u, c.id).await.unwrap().title, title);
+}

@@ -256,9 +256,15 @@ impl ModelState {
         }
         let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.shared.waiting.fetch_add(1, Ordering::SeqCst);
-        self.commands
+        if self
+            .commands
             .send(Command::Submit(id, job, std::time::Instant::now()))
-            .map_err(|_| JobError::Stopped)?;
+            .is_err()
+        {
+            // The scheduler thread is gone: the job never waits anywhere.
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(JobError::Stopped);
+        }
         Ok(id)
     }
 }

@@ -168,6 +168,9 @@ struct Active {
     dirty: bool,
     last_checkpoint: Instant,
     stopped: bool,
+    /// How the answer ended, once it has: kept until the store has taken it (a failed write is
+    /// tried again on each tick, and meanwhile the answer stays active).
+    outcome: Option<MessageOutcome>,
 }
 
 pub struct SessionState {
@@ -211,12 +214,12 @@ impl Actor for SessionActor {
         _myself: ActorRef<SessionMsg>,
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(a) = state.active.take() {
+        if let Some(mut a) = state.active.take() {
             state.args.model.cast(ModelMsg::Cancel(a.job))?;
-            let outcome = MessageOutcome {
+            let outcome = a.outcome.take().unwrap_or(MessageOutcome {
                 status: Some(MessageStatus::Interrupted),
                 ..Default::default()
-            };
+            });
             let s = &state.args;
             s.store
                 .finish_message(s.owner, a.message.id, &a.content, &a.reasoning, &outcome)
@@ -279,10 +282,10 @@ impl Actor for SessionActor {
             SessionMsg::IsGenerating(reply) => {
                 let _ = reply.send(state.active.is_some());
             }
-            SessionMsg::Job(gen, ev) => state.on_job_event(gen, ev).await?,
+            SessionMsg::Job(gen, ev) => state.on_job_event(gen, ev).await,
             SessionMsg::InjectFault => return Err("injected fault".into()),
             SessionMsg::Tick => {
-                state.checkpoint(false).await?;
+                state.store_answer().await;
                 if state.active.is_none() && state.subscribers.iter().all(|(_, s)| s.is_closed()) {
                     state.subscribers.clear();
                     if state.idle_since.elapsed() >= state.args.idle {
@@ -556,16 +559,21 @@ impl SessionState {
             dirty: false,
             last_checkpoint: Instant::now(),
             stopped: false,
+            outcome: None,
         });
         let siblings = self.versions(Some(user), message.id).await;
         self.broadcast(SessionEvent::MessageStarted { message, siblings });
         let me = myself.clone();
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
-                if me.cast(SessionMsg::Job(gen, ev)).is_err() {
-                    break; // the session is gone; dropping `rx` cancels the job
+                let last = matches!(ev, JobEvent::Done(_) | JobEvent::Error(_));
+                if me.cast(SessionMsg::Job(gen, ev)).is_err() || last {
+                    return; // the session is gone (dropping `rx` cancels the job), or done
                 }
             }
+            // The job's sender went without a last word (the model actor stopped or failed):
+            // the answer ends as an error rather than streaming for ever.
+            let _ = me.cast(SessionMsg::Job(gen, JobEvent::Error(JobError::Stopped)));
         });
         Ok(())
     }
@@ -629,13 +637,20 @@ impl SessionState {
         Ok((fits, short_enough))
     }
 
-    async fn on_job_event(&mut self, gen: u64, ev: JobEvent) -> Result<(), StoreError> {
+    /// A store failure here does not end the session: the answer stays in memory, streaming
+    /// goes on, and the next tick writes it again ([`Self::store_answer`]).
+    async fn on_job_event(&mut self, gen: u64, ev: JobEvent) {
         let Some(a) = self.active.as_mut().filter(|a| a.gen == gen) else {
-            return Ok(());
+            return;
         };
         let id = a.message.id;
         match ev {
-            JobEvent::Token { pieces, .. } => {
+            JobEvent::Token { mut pieces, .. } => {
+                for (_, text) in pieces.iter_mut().filter(|(_, t)| t.contains('\0')) {
+                    // The model can write a NUL byte, which the store does not keep: shown
+                    // and stored as U+FFFD instead.
+                    *text = text.replace('\0', "\u{FFFD}");
+                }
                 for (channel, text) in &pieces {
                     match channel {
                         Channel::Answer => a.content.push_str(text),
@@ -650,7 +665,7 @@ impl SessionState {
                         text,
                     });
                 }
-                self.checkpoint(false).await
+                self.store_answer().await;
             }
             JobEvent::Done(d) => {
                 let stopped = a.stopped;
@@ -668,7 +683,7 @@ impl SessionState {
                     tokens_per_second: Some(d.decode_tokens_per_second),
                     ..Default::default()
                 };
-                self.finish(outcome).await
+                self.finish(outcome).await;
             }
             JobEvent::Error(e) => {
                 let outcome = MessageOutcome {
@@ -681,39 +696,51 @@ impl SessionState {
                     code: e.code().into(),
                     message: e.to_string(),
                 });
-                self.finish(outcome).await
+                self.finish(outcome).await;
             }
         }
     }
 
-    async fn finish(&mut self, outcome: MessageOutcome) -> Result<(), StoreError> {
-        let Some(a) = self.active.take() else {
-            return Ok(());
-        };
-        let s = &self.args;
-        s.store
-            .finish_message(s.owner, a.message.id, &a.content, &a.reasoning, &outcome)
-            .await?;
-        let message = s.store.message(s.owner, a.message.id).await?;
-        self.broadcast(SessionEvent::MessageDone { message });
-        Ok(())
+    async fn finish(&mut self, outcome: MessageOutcome) {
+        if let Some(a) = self.active.as_mut() {
+            a.outcome = Some(outcome);
+            a.dirty = true;
+            self.store_answer().await;
+        }
     }
 
-    /// Writes the partial answer if it changed and the last write is old enough (or `force`).
-    async fn checkpoint(&mut self, force: bool) -> Result<(), StoreError> {
+    /// Writes the active answer: once it has ended, as finished (and then it is no longer
+    /// active); before, as a checkpoint when it changed and the last one is old enough. A
+    /// failed write is logged and left for the next tick: the text stays here meanwhile.
+    async fn store_answer(&mut self) {
         let Some(a) = self.active.as_mut() else {
-            return Ok(());
+            return;
         };
-        if !a.dirty || (!force && a.last_checkpoint.elapsed() < CHECKPOINT) {
-            return Ok(());
+        if !a.dirty || (a.outcome.is_none() && a.last_checkpoint.elapsed() < CHECKPOINT) {
+            return;
         }
         let s = &self.args;
-        s.store
-            .checkpoint_message(s.owner, a.message.id, &a.content, &a.reasoning)
-            .await?;
+        let outcome = a.outcome.clone().unwrap_or_default();
+        if let Err(e) = s
+            .store
+            .finish_message(s.owner, a.message.id, &a.content, &a.reasoning, &outcome)
+            .await
+        {
+            tracing::warn!(error = %e, message = %a.message.id, "storing an answer failed; trying again on the next tick");
+            return;
+        }
         a.dirty = false;
         a.last_checkpoint = Instant::now();
-        Ok(())
+        if a.outcome.is_none() {
+            return;
+        }
+        let id = a.message.id;
+        self.active = None;
+        match s.store.message(s.owner, id).await {
+            Ok(message) => self.broadcast(SessionEvent::MessageDone { message }),
+            // Stored: a reconnecting client's snapshot has it.
+            Err(e) => tracing::warn!(error = %e, "reading a finished answer back failed"),
+        }
     }
 }
 

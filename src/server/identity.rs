@@ -5,37 +5,46 @@ use axum::http::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
 use axum::http::HeaderMap;
 
 use super::AppState;
-use crate::store::UserId;
+use crate::store::{StoreError, UserId};
 
 pub const COOKIE_NAME: &str = "smolchat_token";
 
-/// The token a request carries, bearer first.
+/// The token a request carries: a bearer token first, else the cookie (an `Authorization`
+/// header of another scheme, as a proxy's basic auth, leaves the cookie to speak).
 fn token(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        return v.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
-    }
-    headers
-        .get_all(COOKIE)
+    let bearer = headers
+        .get_all(AUTHORIZATION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE_NAME)
-        .map(|(_, v)| v.to_owned())
+        .find_map(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    bearer.or_else(|| {
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == COOKIE_NAME)
+            .map(|(_, v)| v.to_owned())
+    })
 }
 
-/// The user behind the request's token, if it is valid.
-pub async fn user(state: &AppState, headers: &HeaderMap) -> Option<UserId> {
-    let t = token(headers)?;
-    state.store.user_for_token(&t).await.ok().flatten()
+/// The user behind the request's token: `None` when it carries none or one nobody holds. A
+/// failed look-up is an error, not "nobody" (which would hand out a new identity).
+pub async fn user(state: &AppState, headers: &HeaderMap) -> Result<Option<UserId>, StoreError> {
+    match token(headers) {
+        Some(t) => state.store.user_for_token(&t).await,
+        None => Ok(None),
+    }
 }
 
 /// The user, or a new anonymous one with the `Set-Cookie` value that identifies them.
 pub async fn user_or_new(
     state: &AppState,
     headers: &HeaderMap,
-) -> Result<(UserId, Option<String>), crate::store::StoreError> {
-    if let Some(u) = user(state, headers).await {
+) -> Result<(UserId, Option<String>), StoreError> {
+    if let Some(u) = user(state, headers).await? {
         return Ok((u, None));
     }
     let u = state.store.create_user().await?;

@@ -31,7 +31,7 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "code": code, "message": message }))).into_response()
 }
 
-fn store_error(e: StoreError) -> Response {
+pub(super) fn store_error(e: StoreError) -> Response {
     let code = e.code();
     match e {
         StoreError::NotFound => error(StatusCode::NOT_FOUND, code, "conversation not found"),
@@ -44,13 +44,16 @@ fn store_error(e: StoreError) -> Response {
 }
 
 async fn require_user(state: &AppState, headers: &HeaderMap) -> Result<UserId, Response> {
-    identity::user(state, headers).await.ok_or_else(|| {
-        error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "no valid token: open the page or send Authorization: Bearer",
-        )
-    })
+    identity::user(state, headers)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "no valid token: open the page or send Authorization: Bearer",
+            )
+        })
 }
 
 /// The caller and the conversation id of the path, or the response that refuses them.

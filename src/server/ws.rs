@@ -15,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use ractor::{call, ActorRef};
 use tokio::sync::mpsc;
 
-use super::rest::error;
+use super::rest::{error, store_error};
 use super::{identity, lock, AppState};
 use crate::actors::registry::RegistryMsg;
 use crate::actors::session::{SessionError, SessionMsg, SubscriberId};
@@ -55,26 +55,24 @@ pub async fn upgrade(
             "this origin may not open the socket",
         );
     }
-    let Some(user) = identity::user(&state, &headers).await else {
+    let user = match identity::user(&state, &headers).await {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "no valid token: open the page or send Authorization: Bearer",
+            )
+        }
+        Err(e) => return store_error(e),
+    };
+    let Some(slot) = SocketSlot::take(&state, user) else {
         return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "no valid token: open the page or send Authorization: Bearer",
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sockets",
+            "too many open sockets for this user",
         );
     };
-    {
-        let mut sockets = lock(&state.sockets);
-        let n = sockets.entry(user).or_default();
-        if *n >= state.limits.sockets_per_user {
-            drop(sockets);
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sockets",
-                "too many open sockets for this user",
-            );
-        }
-        *n += 1;
-    }
     let limit = state.limits.max_frame_bytes;
     ws.max_frame_size(limit)
         .max_message_size(limit)
@@ -82,11 +80,44 @@ pub async fn upgrade(
             metrics::gauge!("smolchat_ws_connections").increment(1.0);
             run(state.clone(), user, socket).await;
             metrics::gauge!("smolchat_ws_connections").decrement(1.0);
-            if let Some(n) = lock(&state.sockets).get_mut(&user) {
-                *n = n.saturating_sub(1);
-            }
+            drop(slot);
         })
         .into_response()
+}
+
+/// One of a user's sockets, counted against `sockets_per_user` for as long as it lives. It is
+/// given back when dropped, so also when the upgrade fails (its callback is then dropped
+/// unrun) or the socket's task unwinds.
+struct SocketSlot {
+    state: Arc<AppState>,
+    user: UserId,
+}
+
+impl SocketSlot {
+    fn take(state: &Arc<AppState>, user: UserId) -> Option<Self> {
+        let mut sockets = lock(&state.sockets);
+        let n = sockets.entry(user).or_default();
+        if *n >= state.limits.sockets_per_user {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            state: state.clone(),
+            user,
+        })
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        let mut sockets = lock(&self.state.sockets);
+        if let Some(n) = sockets.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sockets.remove(&self.user);
+            }
+        }
+    }
 }
 
 struct Socket {
@@ -293,7 +324,6 @@ impl Socket {
                 call!(session, SessionMsg::Send, content)
                     .map_err(internal)?
                     .map_err(refusal)?;
-                self.started(conversation_id);
                 self.send(ServerEvent::Ack { request_id }).await;
             }
             ClientMessage::Stop {
@@ -314,7 +344,6 @@ impl Socket {
                 call!(session, SessionMsg::Regenerate, message_id)
                     .map_err(internal)?
                     .map_err(refusal)?;
-                self.started(conversation_id);
                 self.send(ServerEvent::Ack { request_id }).await;
             }
             ClientMessage::Edit {
@@ -329,7 +358,6 @@ impl Socket {
                 call!(session, SessionMsg::Edit, message_id, content)
                     .map_err(internal)?
                     .map_err(refusal)?;
-                self.started(conversation_id);
                 self.send(ServerEvent::Ack { request_id }).await;
             }
             ClientMessage::Rename {
@@ -467,7 +495,7 @@ impl Socket {
             .map(|s| s.iter().copied().filter(|c| *c != conv).collect())
             .unwrap_or_default();
         let mut still = Vec::new();
-        for c in others {
+        for &c in &others {
             if let Ok(session) = self.session(c).await {
                 if call!(session, SessionMsg::IsGenerating).unwrap_or(false) {
                     still.push(c);
@@ -476,8 +504,10 @@ impl Socket {
         }
         let mut generating = lock(&st.generating);
         let set = generating.entry(self.user).or_default();
-        set.retain(|c| still.contains(c) || *c == conv);
-        if still.len() >= st.limits.concurrent_generations {
+        // Those found idle go; those still generating stay, and so do any another socket of
+        // this user reserved since `others` was read.
+        set.retain(|c| *c == conv || still.contains(c) || !others.contains(c));
+        if set.iter().filter(|c| **c != conv).count() >= st.limits.concurrent_generations {
             return Err((
                 "too_many_generations",
                 format!(
@@ -486,14 +516,10 @@ impl Socket {
                 ),
             ));
         }
+        // Reserved under the same lock, so that sends from two sockets at once both count. A
+        // reservation whose send then fails is dropped by the next look (it is not generating).
+        set.insert(conv);
         Ok(())
-    }
-
-    fn started(&self, conv: ConversationId) {
-        lock(&self.state.generating)
-            .entry(self.user)
-            .or_default()
-            .insert(conv);
     }
 }
 

@@ -77,9 +77,15 @@ pub fn title_from(text: &str) -> String {
         .find(|l| !l.trim().is_empty())
         .unwrap_or("")
         .trim();
-    let mut t: String = line.chars().take(60).collect();
-    if line.chars().count() > 60 {
-        t.push('…');
+    // At most 60 characters, and within MAX_TITLE bytes with the ellipsis (as a rename
+    // would be held to).
+    let mut t = String::new();
+    for (i, c) in line.chars().enumerate() {
+        if i == 60 || t.len() + c.len_utf8() + '…'.len_utf8() > MAX_TITLE {
+            t.push('…');
+            break;
+        }
+        t.push(c);
     }
     t
 }
