@@ -146,29 +146,23 @@ async fn a_chat_turn_streams_and_is_listed_by_the_api() {
     );
 
     let http = reqwest::Client::new();
-    let list: Value = http
-        .get(format!("http://{}/api/conversations", srv.addr))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(
+        &http,
+        format!("http://{}/api/conversations", srv.addr),
+        &cookie,
+    )
+    .await;
     assert_eq!(list["conversations"][0]["id"], id.as_str());
     assert_eq!(
         list["conversations"][0]["title"],
         "What is the capital of France?"
     );
-    let one: Value = http
-        .get(format!("http://{}/api/conversations/{id}", srv.addr))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: Value = get_json(
+        &http,
+        format!("http://{}/api/conversations/{id}", srv.addr),
+        &cookie,
+    )
+    .await;
     let msgs = one["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 2);
     assert_eq!(
@@ -176,15 +170,12 @@ async fn a_chat_turn_streams_and_is_listed_by_the_api() {
         (Some("user"), Some("complete"))
     );
     assert_eq!(msgs[1]["content"], text);
-    let found: Value = http
-        .get(format!("http://{}/api/conversations?q=capital", srv.addr))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let found: Value = get_json(
+        &http,
+        format!("http://{}/api/conversations?q=capital", srv.addr),
+        &cookie,
+    )
+    .await;
     assert_eq!(found["results"][0]["conversation_id"], id.as_str());
     srv.shutdown().await;
 }
@@ -309,30 +300,14 @@ async fn two_users_cannot_see_or_touch_each_others_conversations() {
             .unwrap()),
         404
     );
-    let list: Value = http
-        .get(&base)
-        .header("cookie", &mallory)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&http, &base, &mallory).await;
     assert_eq!(list["conversations"], json!([]));
     assert_eq!(
         s(http.get(&base).send().await.unwrap()),
         401,
         "no token, no data"
     );
-    let mine: Value = http
-        .get(format!("{base}/{id}"))
-        .header("cookie", &alice)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mine: Value = get_json(&http, format!("{base}/{id}"), &alice).await;
     assert_eq!(mine["conversation"]["title"], "alice's", "nothing changed");
     srv.shutdown().await;
 }
@@ -361,6 +336,7 @@ async fn bad_input_gets_documented_errors_and_changes_nothing() {
     let lim = Limits {
         messages_per_minute: 3,
         max_bad_frames: 6,
+        subscriptions_per_socket: 2,
         ..Limits::default()
     };
     let srv = server("bad", SchedulerConfig::cpu(), lim).await;
@@ -420,15 +396,12 @@ async fn bad_input_gets_documented_errors_and_changes_nothing() {
     }
     assert!(codes.contains(&"rate_limited".to_owned()), "{codes:?}");
     let http = reqwest::Client::new();
-    let conv: Value = http
-        .get(format!("http://{}/api/conversations/{id}", srv.addr))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let conv: Value = get_json(
+        &http,
+        format!("http://{}/api/conversations/{id}", srv.addr),
+        &cookie,
+    )
+    .await;
     // Only the accepted messages were stored: no trace of the refused ones.
     let questions: Vec<&str> = conv["messages"]
         .as_array()
@@ -440,6 +413,38 @@ async fn bad_input_gets_documented_errors_and_changes_nothing() {
     let accepted = codes.iter().filter(|c| *c == "ok").count();
     assert!(accepted >= 1, "{codes:?}");
     assert_eq!(questions, vec!["hi"; accepted], "{conv}");
+
+    // One socket follows so many conversations at once, then is asked to close one.
+    let mut more = Vec::new();
+    for _ in 0..2 {
+        let r = http
+            .post(format!("http://{}/api/conversations", srv.addr))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        more.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    send(&mut ws, json!({"type":"open","conversation_id":more[0]})).await;
+    until(&mut ws, "snapshot").await;
+    send(
+        &mut ws,
+        json!({"type":"open","request_id":"o3","conversation_id":more[1]}),
+    )
+    .await;
+    let v = until(&mut ws, "error").await;
+    assert_eq!(v["code"], "too_many_subscriptions", "{v}");
+    send(&mut ws, json!({"type":"close","conversation_id":id})).await;
+    send(&mut ws, json!({"type":"open","conversation_id":more[1]})).await;
+    assert_eq!(
+        until(&mut ws, "snapshot").await["conversation"]["id"],
+        more[1].as_str()
+    );
 
     // Repeated abuse closes with 1008.
     let mut abuser = connect(srv.addr, &cookie).await;
@@ -496,7 +501,7 @@ async fn bad_input_gets_documented_errors_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cross_origin_upgrade_is_refused() {
+async fn a_cross_origin_page_can_neither_open_the_socket_nor_change_conversations() {
     let srv = server("origin", SchedulerConfig::cpu(), limits()).await;
     let cookie = visitor(srv.addr).await;
     let mut req = format!("ws://{}/ws", srv.addr)
@@ -507,6 +512,49 @@ async fn a_cross_origin_upgrade_is_refused() {
         .insert("origin", "http://evil.example".parse().unwrap());
     let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
+    // Nor may a page of that origin change anything with the visitor's cookie (a form can
+    // POST cross-origin without asking), while reading stays the visitor's own business.
+    let http = reqwest::Client::new();
+    let api = format!("http://{}/api/conversations", srv.addr);
+    let forged = http
+        .post(&api)
+        .header("cookie", &cookie)
+        .header("origin", "http://evil.example")
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    let own = http
+        .post(&api)
+        .header("cookie", &cookie)
+        .header("origin", format!("http://{}", srv.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 201);
+    let id = own.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for forged in [
+        http.patch(format!("{api}/{id}"))
+            .body(r#"{"title":"pwned"}"#),
+        http.delete(format!("{api}/{id}")),
+    ] {
+        let r = forged
+            .header("cookie", &cookie)
+            .header("origin", "http://evil.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    let listed: Value = get_json(&http, &api, &cookie).await;
+    let listed = &listed["conversations"];
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["title"], "", "{listed}");
     let req = format!("ws://{}/ws", srv.addr)
         .into_client_request()
         .unwrap();
@@ -743,4 +791,16 @@ async fn connect_raw(addr: SocketAddr, cookie: &str, authorization: Option<&str>
     }
     let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     ws
+}
+
+/// GET `url` with the visitor's cookie, as JSON.
+async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, cookie: &str) -> Value {
+    http.get(url)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }

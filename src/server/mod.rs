@@ -36,6 +36,9 @@ pub struct Limits {
     pub concurrent_generations: usize,
     /// Open sockets per user (HTTP 429 at the upgrade).
     pub sockets_per_user: usize,
+    /// Conversations one socket follows at once (`too_many_subscriptions`; the page follows
+    /// one, closing it when it opens another).
+    pub subscriptions_per_socket: usize,
     /// Bad frames (invalid JSON, unknown types, …) before the socket is closed with 1008.
     pub max_bad_frames: usize,
 }
@@ -48,6 +51,7 @@ impl Default for Limits {
             messages_per_minute: 20,
             concurrent_generations: 2,
             sockets_per_user: 8,
+            subscriptions_per_socket: 16,
             max_bad_frames: 10,
         }
     }

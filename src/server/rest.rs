@@ -56,6 +56,20 @@ async fn require_user(state: &AppState, headers: &HeaderMap) -> Result<UserId, R
         })
 }
 
+/// The caller of a request that changes something: as [`require_user`], and a browser's
+/// `Origin` must be one the socket would accept (a page of another origin, even another port
+/// of this host, which SameSite counts as the same site, cannot use the visitor's cookie).
+async fn require_writer(state: &AppState, headers: &HeaderMap) -> Result<UserId, Response> {
+    if !identity::origin_allowed(state, headers) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "this origin may not change conversations",
+        ));
+    }
+    require_user(state, headers).await
+}
+
 /// The caller and the conversation id of the path, or the response that refuses them.
 async fn user_and_id(
     state: &AppState,
@@ -63,6 +77,15 @@ async fn user_and_id(
     id: &str,
 ) -> Result<(UserId, ConversationId), Response> {
     Ok((require_user(state, headers).await?, parse_id(id)?))
+}
+
+/// [`user_and_id`] for a request that changes the conversation.
+async fn writer_and_id(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(UserId, ConversationId), Response> {
+    Ok((require_writer(state, headers).await?, parse_id(id)?))
 }
 
 fn parse_id(id: &str) -> Result<ConversationId, Response> {
@@ -173,7 +196,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let user = match require_user(&state, &headers).await {
+    let user = match require_writer(&state, &headers).await {
         Ok(u) => u,
         Err(r) => return r,
     };
@@ -228,7 +251,7 @@ pub async fn patch(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let (user, id) = match user_and_id(&state, &headers, &id).await {
+    let (user, id) = match writer_and_id(&state, &headers, &id).await {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -247,7 +270,7 @@ pub async fn delete(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let (user, id) = match user_and_id(&state, &headers, &id).await {
+    let (user, id) = match writer_and_id(&state, &headers, &id).await {
         Ok(v) => v,
         Err(r) => return r,
     };

@@ -407,6 +407,13 @@ impl Socket {
             let _ = session.cast(SessionMsg::Unsubscribe(sub));
             task.abort();
         }
+        let limit = self.state.limits.subscriptions_per_socket;
+        if self.subscriptions.len() >= limit {
+            return Err((
+                "too_many_subscriptions",
+                format!("this socket follows {limit} conversations already; close one first"),
+            ));
+        }
         let session = self.session(conv).await?;
         let (tx, mut rx) = mpsc::channel(SUBSCRIPTION);
         let (sub, snap) = call!(session, SessionMsg::Subscribe, tx)
