@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::engine::kv::BLOCK_LEN;
-use crate::engine::{KvCache, Logits, Model, SeqInput};
+use crate::engine::{KvCache, Logits, Model, SeqInput, StepOutput};
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
@@ -75,18 +75,21 @@ fn decode_rate(model: &Model, caches: &mut [KvCache], steps: usize) -> f64 {
             .map(|(c, tok)| SeqInput {
                 tokens: tok,
                 cache: c,
-                logits: Logits::Last,
+                logits: Logits::Greedy,
             })
             .collect();
-        let out = match model.forward(&mut batch) {
+        let out = match model.step(&mut batch) {
             Ok(out) => out,
             Err(e) => {
                 tracing::error!(error = %e, "bench step failed");
                 return 0.0;
             }
         };
-        for (n, row) in next.iter_mut().zip(out) {
-            n[0] = crate::engine::sampler::argmax(&row);
+        for (n, o) in next.iter_mut().zip(out) {
+            n[0] = match o {
+                StepOutput::Token(id) => id,
+                StepOutput::Logits(row) => crate::engine::sampler::argmax(&row),
+            };
         }
     }
     (caches.len() * steps) as f64 / t.elapsed().as_secs_f64()

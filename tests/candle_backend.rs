@@ -56,6 +56,11 @@ fn tiny_smollm3_matches_transformers_on_the_candle_backend() {
 }
 
 #[test]
+fn a_greedy_row_is_picked_on_the_device_as_the_most_likely_token_of_its_logits() {
+    common::reference::greedy_picks_the_most_likely_token(&tiny(16 << 20));
+}
+
+#[test]
 fn tiny_llama_matches_transformers_on_the_candle_backend() {
     let model = on_candle(
         &data("tiny-smollm3/tiny-llama-rope-all-q8_0.gguf"),

@@ -61,6 +61,12 @@ fn tiny_llama_matches_transformers_with_rope_everywhere() {
 }
 
 #[test]
+fn a_greedy_row_gives_the_most_likely_token_of_its_logits() {
+    let f = GgufFile::open(&data("tiny-smollm3/tiny-smollm3-q8_0.gguf")).unwrap();
+    common::reference::greedy_picks_the_most_likely_token(&Model::from_gguf(&f).unwrap());
+}
+
+#[test]
 fn smollm3_weights_read_as_llama_give_different_logits() {
     let f = GgufFile::open(&data("tiny-smollm3/tiny-smollm3-q8_0.gguf")).unwrap();
     let as_llama = Model::from_gguf_with_arch(&f, Some(Architecture::Llama)).unwrap();

@@ -20,7 +20,7 @@ use super::model_actor::{
 };
 use crate::engine::kv::KvShape;
 use crate::engine::{
-    Engine, FinishReason, KvCache, Logits, SeqInput, SequenceState, StopCondition,
+    Engine, FinishReason, KvCache, Logits, SeqInput, SequenceState, StepOutput, StopCondition,
 };
 
 pub enum Command {
@@ -354,15 +354,21 @@ impl Scheduler {
         let mut inputs: Vec<(usize, Vec<u32>, Logits)> = Vec::with_capacity(plan.len());
         for &(i, range) in &plan {
             let r = &self.running[i];
+            // A greedy sequence's token is picked where the logits are (on a GPU, they stay there).
+            let last = if r.seq.is_greedy() {
+                Logits::Greedy
+            } else {
+                Logits::Last
+            };
             match range {
                 None => {
                     decode += 1;
-                    inputs.push((i, vec![r.next_input.unwrap_or_default()], Logits::Last));
+                    inputs.push((i, vec![r.next_input.unwrap_or_default()], last));
                 }
                 Some((a, b)) => {
                     prefill += b - a;
                     let logits = if b == r.seq.prompt_len {
-                        Logits::Last
+                        last
                     } else {
                         Logits::None
                     };
@@ -384,7 +390,7 @@ impl Scheduler {
                 owners.push(*i);
             }
         }
-        let result = self.engine.model.forward(&mut batch);
+        let result = self.engine.model.step(&mut batch);
         drop(batch);
         self.shared.steps.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!("smolchat_model_step_tokens").record((prefill + decode) as f64);
@@ -401,15 +407,16 @@ impl Scheduler {
             }
         };
         let now = Instant::now();
-        for ((&i, (_, tokens, _)), mut logits) in owners.iter().zip(&inputs).zip(outputs) {
+        for ((&i, (_, tokens, _)), output) in owners.iter().zip(&inputs).zip(outputs) {
             let r = &mut self.running[i];
             if r.next_input.is_none() {
                 r.prefilled += tokens.len();
             }
-            if logits.is_empty() {
-                continue;
-            }
-            let id = r.seq.sample(&mut logits);
+            let id = match output {
+                StepOutput::Token(id) => id,
+                StepOutput::Logits(l) if l.is_empty() => continue,
+                StepOutput::Logits(mut l) => r.seq.sample(&mut l),
+            };
             let out = r.seq.accept(&self.engine.tokenizer, id);
             match r.last_token {
                 None => {

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::engine::reasoning::Channel;
 use crate::engine::{
     ChatMessage, Engine, FinishReason, KvCache, Logits, SamplingParams, SeqInput, SequenceState,
-    StopCondition,
+    StepOutput, StopCondition,
 };
 
 /// Prompt chunk for prefill.
@@ -140,22 +140,25 @@ pub fn run_packed(
                 batch.push(SeqInput {
                     tokens: &r.pending[r.fed..r.fed + n],
                     cache: &mut r.cache,
-                    logits: if n == rest {
-                        Logits::Last
-                    } else {
-                        Logits::None
+                    logits: match (n == rest, r.seq.is_greedy()) {
+                        (false, _) => Logits::None,
+                        (true, true) => Logits::Greedy,
+                        (true, false) => Logits::Last,
                     },
                 });
             }
-            engine.model.forward(&mut batch)?
+            engine.model.step(&mut batch)?
         };
-        for ((&i, n), mut logits) in live.iter().zip(sizes).zip(outputs) {
+        for ((&i, n), output) in live.iter().zip(sizes).zip(outputs) {
             let r = &mut running[i];
             r.fed += n;
             if r.fed < r.pending.len() {
                 continue;
             }
-            let id = r.seq.sample(&mut logits);
+            let id = match output {
+                StepOutput::Token(id) => id,
+                StepOutput::Logits(mut logits) => r.seq.sample(&mut logits),
+            };
             let out = r.seq.accept(&engine.tokenizer, id);
             let started = *r.first_token.get_or_insert_with(Instant::now);
             for (ch, text) in &out.pieces {

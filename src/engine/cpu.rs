@@ -5,7 +5,7 @@
 use super::config::ModelConfig;
 use super::kv::{KvCache, KvRows};
 use super::matmul::{matmul, matmul_many, QMatrix, QuantizedRows};
-use super::model::{rope_tables, Logits, RawMatrix, SeqInput, Weights};
+use super::model::{rope_tables, Logits, RawMatrix, SeqInput, StepOutput, Weights};
 use super::simd;
 
 pub(super) struct CpuWeights {
@@ -47,7 +47,7 @@ impl CpuWeights {
         cfg: &ModelConfig,
         precise: bool,
         batch: &mut [SeqInput],
-    ) -> Vec<Vec<f32>> {
+    ) -> Vec<StepOutput> {
         let (h, hd) = (cfg.hidden, cfg.head_dim);
         let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
         // Row layout of the packed batch.
@@ -130,7 +130,7 @@ impl CpuWeights {
         for (s, &(r0, n, _)) in batch.iter().zip(&spans) {
             match s.logits {
                 Logits::None => {}
-                Logits::Last => wanted.push(r0 + n - 1),
+                Logits::Last | Logits::Greedy => wanted.push(r0 + n - 1),
                 Logits::All => wanted.extend(r0..r0 + n),
             }
         }
@@ -152,10 +152,14 @@ impl CpuWeights {
         for (s, &(_, n, _)) in batch.iter().zip(&spans) {
             let rows = match s.logits {
                 Logits::None => 0,
-                Logits::Last => 1,
+                Logits::Last | Logits::Greedy => 1,
                 Logits::All => n,
             };
-            out.push(logits[at * vocab..(at + rows) * vocab].to_vec());
+            let these = &logits[at * vocab..(at + rows) * vocab];
+            out.push(match s.logits {
+                Logits::Greedy => StepOutput::Token(super::sampler::argmax(these)),
+                _ => StepOutput::Logits(these.to_vec()),
+            });
             at += rows;
         }
         out

@@ -73,6 +73,11 @@ impl SequenceState {
     }
 
     /// Samples the next token from `logits`.
+    /// See [`Sampler::is_greedy`].
+    pub fn is_greedy(&self) -> bool {
+        self.sampler.is_greedy()
+    }
+
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.sampler.sample(logits, &self.history)
     }

@@ -26,6 +26,28 @@ pub enum Logits {
     None,
     Last,
     All,
+    /// Only the last row's most likely token (the first of equals on the CPU), worked out where
+    /// the logits are: from a GPU four bytes come back instead of the whole vocabulary.
+    Greedy,
+}
+
+/// What a step gives one sequence, as its [`Logits`] asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    /// `vocab` floats per row asked for: none, the last row's, or every row's.
+    Logits(Vec<f32>),
+    /// The last row's most likely token ([`Logits::Greedy`]).
+    Token(u32),
+}
+
+impl StepOutput {
+    /// The logits rows; none for a token.
+    pub fn into_logits(self) -> Vec<f32> {
+        match self {
+            StepOutput::Logits(l) => l,
+            StepOutput::Token(_) => Vec::new(),
+        }
+    }
 }
 
 /// One sequence's part of a packed batch.
@@ -427,9 +449,19 @@ impl Model {
     }
 
     /// Runs one packed step. Returns, per sequence, its logits rows (`vocab` floats each: none,
-    /// the last row's, or every row's, as asked). A batch that fails the checks changes no
-    /// cache.
+    /// the last row's, or every row's, as asked; none for [`Logits::Greedy`], which [`Self::step`]
+    /// answers). A batch that fails the checks changes no cache.
     pub fn forward(&self, batch: &mut [SeqInput]) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self
+            .step(batch)?
+            .into_iter()
+            .map(StepOutput::into_logits)
+            .collect())
+    }
+
+    /// [`Self::forward`], with each sequence's output as its [`Logits`] asked: logits rows, or
+    /// for [`Logits::Greedy`] the chosen token.
+    pub fn step(&self, batch: &mut [SeqInput]) -> Result<Vec<StepOutput>, EngineError> {
         let cfg = &self.cfg;
         let pool = self.block_pool();
         let mut blocks = 0;

@@ -92,6 +92,13 @@ impl Sampler {
         (z >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// Whether the next token is simply the most likely one (temperature 0, no penalties), so
+    /// that a step may give back that token instead of the logits ([`super::Logits::Greedy`]).
+    pub fn is_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature <= 0.0 && p.repetition_penalty == 1.0 && p.presence_penalty == 0.0
+    }
+
     /// Picks the next token; `history` is prompt plus generated tokens so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;

@@ -176,3 +176,66 @@ pub fn check_smollm2(model: &Model, tol: f32, gap_min: f64) {
         }
     }
 }
+
+/// One step over two pairs of twins (the same tokens on the same cache contents): one of each
+/// pair asks for [`Logits::Greedy`], the other for its logits (`All` for a prompt, `Last` for
+/// a decode row). Each greedy token is the most likely one of its twin's last row, and
+/// `forward` gives a greedy row no logits.
+pub fn greedy_picks_the_most_likely_token(model: &Model) {
+    use smolchat::engine::sampler::argmax;
+    use smolchat::engine::StepOutput;
+    let prompt: Vec<u32> = (0..9).map(|i| 3 + 7 * i).collect();
+    let mut caches: Vec<_> = (0..4).map(|_| model.new_cache()).collect();
+    for c in &mut caches[2..] {
+        model.prefill(c, &prompt, 16).unwrap();
+    }
+    let [a, b, c, d] = &mut caches[..] else {
+        unreachable!()
+    };
+    let out = model
+        .step(&mut [
+            SeqInput {
+                tokens: &prompt,
+                cache: a,
+                logits: Logits::Greedy,
+            },
+            SeqInput {
+                tokens: &prompt,
+                cache: b,
+                logits: Logits::All,
+            },
+            SeqInput {
+                tokens: &[5],
+                cache: c,
+                logits: Logits::Greedy,
+            },
+            SeqInput {
+                tokens: &[5],
+                cache: d,
+                logits: Logits::Last,
+            },
+        ])
+        .unwrap();
+    let vocab = model.cfg.vocab_size;
+    let [StepOutput::Token(p), StepOutput::Logits(all), StepOutput::Token(q), StepOutput::Logits(last)] =
+        &out[..]
+    else {
+        panic!(
+            "outputs as asked: {:?}",
+            out.iter().map(std::mem::discriminant).collect::<Vec<_>>()
+        );
+    };
+    assert_eq!((all.len(), last.len()), (9 * vocab, vocab));
+    assert_eq!(*p, argmax(&all[8 * vocab..]), "the prompt's greedy token");
+    assert_eq!(*q, argmax(last), "the decode row's greedy token");
+    let mut e = model.new_cache();
+    let logits = model
+        .forward(&mut [SeqInput {
+            tokens: &prompt,
+            cache: &mut e,
+            logits: Logits::Greedy,
+        }])
+        .unwrap();
+    assert_eq!(logits, vec![Vec::<f32>::new()]);
+    assert_eq!(e.len(), prompt.len(), "the step ran");
+}

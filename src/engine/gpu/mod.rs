@@ -10,7 +10,7 @@
 //! every layer on the device: new K/V rows go into the slabs ([`KvWrite`]), all decode rows share
 //! one attention that reads each cache through its block table ([`PagedDecode`]), and each
 //! prompt chunk gathers its cache for a causal one. Only the sampled rows' logits come back to
-//! the host. `DeviceKernels` can put candle's own paths in place of our kernels
+//! the host, and a greedy row's only as its token (picked on the device). `DeviceKernels` can put candle's own paths in place of our kernels
 //! (`*.cu` beside this file: RoPE, the KV write, the paged decode attention).
 
 use std::borrow::Cow;
@@ -37,8 +37,8 @@ use rope::RopeRows;
 use super::config::ModelConfig;
 use super::kv::{BlockPool, KvShape, BLOCK_LEN};
 use super::model::{
-    inv_freq, rope_tables, DeviceKernels, LoadOptions, Logits, RawMatrix, SeqInput, WeightSource,
-    Weights,
+    inv_freq, rope_tables, DeviceKernels, LoadOptions, Logits, RawMatrix, SeqInput, StepOutput,
+    WeightSource, Weights,
 };
 use super::quant::GgmlType;
 use super::EngineError;
@@ -407,12 +407,12 @@ impl CandleModel {
         cuda_memory(&self.device).map(|(free, total)| (total - free, total))
     }
 
-    /// Runs one packed step over a checked batch (see [`super::model::Model::forward`]).
+    /// Runs one packed step over a checked batch (see [`super::model::Model::step`]).
     pub fn forward(
         &self,
         cfg: &ModelConfig,
         batch: &mut [SeqInput],
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
+    ) -> Result<Vec<StepOutput>, EngineError> {
         Ok(self.step(cfg, batch)?)
     }
 
@@ -420,7 +420,7 @@ impl CandleModel {
         &self,
         cfg: &ModelConfig,
         batch: &mut [SeqInput],
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
+    ) -> candle_core::Result<Vec<StepOutput>> {
         let dev = &self.device;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
         let group = nh / nkv;
@@ -519,33 +519,69 @@ impl CandleModel {
             x = (x + layer.w_down.forward(&(gate.silu()? * up)?)?)?;
         }
 
-        // Logits only for the rows that are sampled.
+        // Logits only for the rows that are sampled, and only those that are not a greedy pick
+        // come back: a greedy sequence's token is chosen on the device.
         let mut wanted = Vec::new();
         let mut rows_of = vec![0; batch.len()];
         for (&i, &(r0, n, _)) in order.iter().zip(&spans) {
             let rows: Vec<u32> = match batch[i].logits {
                 Logits::None => vec![],
-                Logits::Last => vec![(r0 + n - 1) as u32],
+                Logits::Last | Logits::Greedy => vec![(r0 + n - 1) as u32],
                 Logits::All => (r0 as u32..(r0 + n) as u32).collect(),
             };
             rows_of[i] = rows.len();
             wanted.extend(rows);
         }
-        let mut logits = Vec::new();
-        if !wanted.is_empty() {
-            let w = wanted.len();
-            let sel = x.index_select(&Tensor::from_vec(wanted, w, dev)?, 0)?;
-            let sel = candle_nn::ops::rms_norm(&sel, &self.out_norm, cfg.rms_eps)?;
-            logits = self.output.forward(&sel)?.to_vec2::<f32>()?;
+        let mut outputs: Vec<StepOutput> = vec![StepOutput::Logits(Vec::new()); batch.len()];
+        if wanted.is_empty() {
+            return Ok(outputs);
         }
-        // Back to the caller's order.
-        let mut rows = logits.into_iter();
-        let mut by_internal: Vec<(usize, Vec<f32>)> = order
-            .iter()
-            .map(|&i| (i, rows.by_ref().take(rows_of[i]).flatten().collect()))
-            .collect();
-        by_internal.sort_by_key(|(i, _)| *i);
-        Ok(by_internal.into_iter().map(|(_, l)| l).collect())
+        let w = wanted.len();
+        let sel = x.index_select(&Tensor::from_vec(wanted, w, dev)?, 0)?;
+        let sel = candle_nn::ops::rms_norm(&sel, &self.out_norm, cfg.rms_eps)?;
+        let logits = self.output.forward(&sel)?;
+        // Rows of `logits`: (sequence, its greedy row) and (sequence, its first row, rows).
+        let (mut picks, mut whole) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        for &i in &order {
+            match (rows_of[i], batch[i].logits) {
+                (0, _) => {}
+                (_, Logits::Greedy) => picks.push((i, at)),
+                (n, _) => whole.push((i, at, n)),
+            }
+            at += rows_of[i];
+        }
+        let rows = |r: Vec<u32>| {
+            let n = r.len();
+            Tensor::from_vec(r, n, dev)
+        };
+        if !picks.is_empty() {
+            let r = rows(picks.iter().map(|&(_, r)| r as u32).collect())?;
+            let ids = logits
+                .index_select(&r, 0)?
+                .argmax_keepdim(1)?
+                .flatten_all()?
+                .to_vec1::<u32>()?;
+            for (&(i, _), id) in picks.iter().zip(ids) {
+                outputs[i] = StepOutput::Token(id);
+            }
+        }
+        if !whole.is_empty() {
+            let kept = if picks.is_empty() {
+                logits
+            } else {
+                let r = whole.iter().flat_map(|&(_, r, n)| r as u32..(r + n) as u32);
+                logits.index_select(&rows(r.collect())?, 0)?
+            };
+            let host = kept.flatten_all()?.to_vec1::<f32>()?;
+            let vocab = cfg.vocab_size;
+            let mut at = 0;
+            for &(i, _, n) in &whole {
+                outputs[i] = StepOutput::Logits(host[at * vocab..(at + n) * vocab].to_vec());
+                at += n;
+            }
+        }
+        Ok(outputs)
     }
 }
 
