@@ -10,8 +10,9 @@
 //! every layer on the device: new K/V rows go into the slabs ([`KvWrite`]), all decode rows share
 //! one attention that reads each cache through its block table ([`PagedDecode`]), and each
 //! prompt chunk gathers its cache for a causal one. Only the sampled rows' logits come back to
-//! the host, and a greedy row's only as its token (picked on the device). `DeviceKernels` can put candle's own paths in place of our kernels
-//! (`*.cu` beside this file: RoPE, the KV write, the paged decode attention).
+//! the host, and a greedy row's only as its token (picked on the device). `DeviceKernels` can
+//! put candle's own paths in place of our kernels (`*.cu` beside this file: RoPE, the KV write,
+//! the paged decode attention).
 
 use std::borrow::Cow;
 use std::rc::Rc;
