@@ -1,7 +1,9 @@
 // Attention for a step's decode rows, straight from the KV slabs through each sequence's block
-// table: one thread block per (sequence, KV head) serves the `group` query heads that share it,
-// its warps take every WARPS-th cache position and keep an online softmax each, and the warps
-// are merged at the end. Replaces gathering each sequence's cache into a padded copy plus two
+// table: one thread block per (sequence, KV head, split) serves the `group` query heads that
+// share the KV head, its warps take every WARPS-th cache position of the split's `chunk` and
+// keep an online softmax each, and the warps are merged at the end. With one split the block
+// writes the result; with several (a few long sequences, which would leave most of a big GPU
+// idle) each writes its unnormalised partial sums, and `decode_attention_merge` combines them. Replaces gathering each sequence's cache into a padded copy plus two
 // batched matmuls and four softmax kernels. Built to PTX by build.rs under the `cuda` feature;
 // `decode_attention.rs` holds the same arithmetic for candle's CPU device.
 #include <cuda_fp16.h>
@@ -18,14 +20,18 @@ __device__ void decode_attention(
     const __half *__restrict__ slab_v,
     const uint32_t *__restrict__ table,  // row s: [cache length, block ids...]
     float *__restrict__ out,             // row s: n_kv * group * HD, contiguous
+    float *__restrict__ part,            // with splits: per (s, KV head, split, g) m, l, acc[HD]
     const uint32_t n_kv, const uint32_t group, const uint32_t q_stride,
-    const uint32_t table_stride, const float scale) {
+    const uint32_t table_stride, const uint32_t chunk, const float scale) {
   constexpr int PER = (HD + 31) / 32;  // values of a row per lane: d = i * 32 + lane, so a
                                        // warp reads (and stores) 32 neighbours at a time
-  const uint32_t seq = blockIdx.x, kh = blockIdx.y;
+  const uint32_t seq = blockIdx.x, kh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t *row = table + (size_t)seq * table_stride;
   const uint32_t len = row[0];
+  // This split's positions: [begin, end); with one split, chunk is the u32 maximum.
+  const uint32_t begin = min(len, split * chunk);
+  const uint32_t end = begin + min(chunk, len - begin);
   const uint32_t *blocks = row + 1;
 
   float qr[MAX_GROUP][PER], acc[MAX_GROUP][PER], m[MAX_GROUP], l[MAX_GROUP];
@@ -43,7 +49,7 @@ __device__ void decode_attention(
     }
   }
 
-  for (uint32_t p = warp; p < len; p += WARPS) {
+  for (uint32_t p = begin + warp; p < end; p += WARPS) {
     const size_t r = ((size_t)blocks[p / BLOCK_LEN] * n_kv + kh) * BLOCK_LEN + p % BLOCK_LEN;
     float kf[PER], vf[PER];
 #pragma unroll
@@ -95,17 +101,52 @@ __device__ void decode_attention(
       sum += sl[w][g] * f;
       val += sacc[w][g][d] * f;
     }
-    out[((size_t)seq * n_kv + kh) * group * HD + g * HD + d] = sum > 0.f ? val / sum : 0.f;
+    if (splits == 1) {
+      out[((size_t)seq * n_kv + kh) * group * HD + g * HD + d] = sum > 0.f ? val / sum : 0.f;
+    } else {
+      float *rec = part + ((((size_t)seq * n_kv + kh) * splits + split) * group + g) * (HD + 2);
+      if (d == 0) {
+        rec[0] = mx;  // -inf for a split past the sequence's end
+        rec[1] = sum;
+      }
+      rec[2 + d] = val;
+    }
+  }
+}
+
+// Combines the splits' partial sums of one (sequence, KV head) per block, each rescaled to the
+// largest maximum, as the warps are merged above.
+extern "C" __global__ void decode_attention_merge(const float *__restrict__ part,
+                                                  float *__restrict__ out, const uint32_t n_kv,
+                                                  const uint32_t group, const uint32_t head_dim,
+                                                  const uint32_t splits) {
+  const uint32_t seq = blockIdx.x, kh = blockIdx.y;
+  const size_t rec = head_dim + 2;
+  const float *recs = part + ((size_t)seq * n_kv + kh) * splits * group * rec;
+  for (uint32_t idx = threadIdx.x; idx < group * head_dim; idx += blockDim.x) {
+    const uint32_t g = idx / head_dim, d = idx % head_dim;
+    float mx = -INFINITY;
+    for (uint32_t s = 0; s < splits; ++s) mx = fmaxf(mx, recs[(s * group + g) * rec]);
+    float sum = 0.f, val = 0.f;
+    for (uint32_t s = 0; s < splits; ++s) {
+      const float *r = recs + (s * group + g) * rec;
+      if (r[0] == -INFINITY) continue;
+      const float f = __expf(r[0] - mx);
+      sum += r[1] * f;
+      val += r[2 + d] * f;
+    }
+    out[((size_t)seq * n_kv + kh) * group * head_dim + idx] = sum > 0.f ? val / sum : 0.f;
   }
 }
 
 #define DECODE_ATTENTION(HD)                                                                  \
   extern "C" __global__ void decode_attention_##HD(                                           \
       const float *q, const __half *slab_k, const __half *slab_v, const uint32_t *table,      \
-      float *out, const uint32_t n_kv, const uint32_t group, const uint32_t q_stride,         \
-      const uint32_t table_stride, const float scale) {                                       \
-    decode_attention<HD>(q, slab_k, slab_v, table, out, n_kv, group, q_stride, table_stride, \
-                         scale);                                                              \
+      float *out, float *part, const uint32_t n_kv, const uint32_t group,                     \
+      const uint32_t q_stride, const uint32_t table_stride, const uint32_t chunk,             \
+      const float scale) {                                                                    \
+    decode_attention<HD>(q, slab_k, slab_v, table, out, part, n_kv, group, q_stride,         \
+                         table_stride, chunk, scale);                                         \
   }
 
 DECODE_ATTENTION(16)

@@ -1,7 +1,8 @@
 //! Attention for a step's decode rows straight from the KV slabs: one custom op,
 //! [`PagedDecode`], that reads each sequence's cache through its block table. Its GPU side is
-//! `decode_attention.cu` (one thread block per sequence and KV head, an online softmax per warp);
-//! the CPU side, for candle's CPU device, does the same sums in plain loops. Each sequence's
+//! `decode_attention.cu` (one thread block per sequence, KV head and split of the cache, an
+//! online softmax per warp; the splits' partial sums merged by a second kernel when there are
+//! several); the CPU side, for candle's CPU device, does the same sums in plain loops. Each sequence's
 //! result depends on its own cache only, so a packed step gives every row what it gets alone.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
@@ -14,6 +15,23 @@ use crate::engine::kv::BLOCK_LEN;
 const KERNEL_HEAD_DIMS: &[usize] = &[16, 32, 64, 80, 96, 128];
 /// At most this many query heads share a KV head in the kernel.
 const KERNEL_MAX_GROUP: usize = 8;
+/// Thread blocks that keep a big GPU busy (about two per SM of an H100's or H200's 132): a step
+/// with fewer rows × KV heads than this splits its caches' positions among more blocks.
+#[cfg(any(test, feature = "cuda"))]
+const BUSY_BLOCKS: usize = 256;
+/// The fewest positions a split takes (16 per warp), so that it is worth its partial sums.
+#[cfg(any(test, feature = "cuda"))]
+const MIN_CHUNK: usize = 128;
+
+/// A paged decode's launches: the attention (grid `b × n_kv × splits`), then with several
+/// splits the merge of their partial sums (`partials` f32 values in between).
+#[cfg(any(test, feature = "cuda"))]
+#[derive(Debug)]
+pub(super) struct DecodeLaunch {
+    pub attention: Launch,
+    pub merge: Option<Launch>,
+    pub partials: usize,
+}
 
 /// Decode attention of `b` rows (one query row each) over their own caches. Operands: the
 /// step's queries for those rows (f32, `b × n_kv·group·head_dim`, rows may be strided), then a
@@ -62,21 +80,73 @@ impl PagedDecode<'_> {
         Tensor::from_vec(t, (rows.len(), width), dev)
     }
 
-    /// The kernel's launch for `b` rows whose queries are `q_stride` apart: a block of 8 warps
-    /// (`WARPS` in the kernel) per row and KV head.
+    /// The longest cache the table can describe (its blocks' positions).
     #[cfg(any(test, feature = "cuda"))]
-    pub fn launch(&self, b: usize, q_stride: usize) -> Result<Launch> {
-        Ok(Launch {
+    fn longest(&self) -> Result<usize> {
+        Ok((self.table.dim(1)? - 1) * BLOCK_LEN)
+    }
+
+    /// Positions per split for `b` rows: `None` (one split) when the rows and KV heads give
+    /// enough blocks already, or the caches are too short to cut.
+    #[cfg(any(test, feature = "cuda"))]
+    pub fn chunk(&self, b: usize) -> Result<Option<usize>> {
+        let longest = self.longest()?;
+        let splits = BUSY_BLOCKS
+            .div_ceil((b * self.n_kv).max(1))
+            .min(longest.div_ceil(MIN_CHUNK));
+        Ok((splits > 1).then(|| longest.div_ceil(splits).next_multiple_of(BLOCK_LEN)))
+    }
+
+    /// The launches for `b` rows whose queries are `q_stride` apart, their caches cut into
+    /// `chunk`s of positions (or not): a block of 8 warps (`WARPS` in the kernel) per row, KV
+    /// head and split.
+    #[cfg(any(test, feature = "cuda"))]
+    pub fn launch(&self, b: usize, q_stride: usize, chunk: Option<usize>) -> Result<DecodeLaunch> {
+        let splits = match chunk {
+            Some(c) if c > 0 => self.longest()?.div_ceil(c).max(1),
+            _ => 1,
+        };
+        let chunk = match chunk {
+            Some(c) if splits > 1 => size(c)?,
+            _ => u32::MAX,
+        };
+        let attention = Launch {
             kernel: format!("decode_attention_{}", self.head_dim),
-            grid: [size(b)?, size(self.n_kv)?, 1],
+            grid: [size(b)?, size(self.n_kv)?, size(splits)?],
             block: [256, 1, 1],
             scalars: vec![
                 Scalar::size(self.n_kv)?,
                 Scalar::size(self.group)?,
                 Scalar::size(q_stride)?,
                 Scalar::size(self.table.dim(1)?)?,
+                Scalar::U32(chunk),
                 Scalar::F32(self.scale),
             ],
+        };
+        let merge = (splits > 1)
+            .then(|| -> Result<Launch> {
+                Ok(Launch {
+                    kernel: "decode_attention_merge".into(),
+                    grid: [size(b)?, size(self.n_kv)?, 1],
+                    block: [256, 1, 1],
+                    scalars: vec![
+                        Scalar::size(self.n_kv)?,
+                        Scalar::size(self.group)?,
+                        Scalar::size(self.head_dim)?,
+                        Scalar::size(splits)?,
+                    ],
+                })
+            })
+            .transpose()?;
+        let partials = if splits > 1 {
+            b * self.n_kv * splits * self.group * (self.head_dim + 2)
+        } else {
+            0
+        };
+        Ok(DecodeLaunch {
+            attention,
+            merge,
+            partials,
         })
     }
 
@@ -214,9 +284,9 @@ impl CustomOp3 for PagedDecode<'_> {
                 self.group
             );
         }
-        let launch = self.launch(b, q_stride)?;
+        let launch = self.launch(b, q_stride, self.chunk(b)?)?;
         let dev = q.device().clone();
-        let func = dev.get_or_load_custom_func(&launch.kernel, "smolchat_decode_attention", PTX)?;
+        let load = |name: &str| dev.get_or_load_custom_func(name, "smolchat_decode_attention", PTX);
         let (table, table_l) = self.table.storage_and_layout();
         let Storage::Cuda(table) = &*table else {
             bail!("paged decode: the table must be on the GPU");
@@ -227,17 +297,30 @@ impl CustomOp3 for PagedDecode<'_> {
         let q = q.as_cuda_slice::<f32>()?.slice(q_l.start_offset()..);
         let k = k.as_cuda_slice::<half::f16>()?.slice(k_l.start_offset()..);
         let v = v.as_cuda_slice::<half::f16>()?.slice(v_l.start_offset()..);
-        // SAFETY: every value is written by the kernel before it is read.
+        // SAFETY: every value is written by the kernels before it is read (with one split the
+        // partial sums are neither written nor read).
         let out = unsafe { dev.alloc::<f32>(b * self.width())? };
+        let part = unsafe { dev.alloc::<f32>(launch.partials.max(1))? };
+        let func = load(&launch.attention.kernel)?;
         let mut builder = func.builder();
         builder.arg(&q);
         builder.arg(&k);
         builder.arg(&v);
         builder.arg(&table);
         builder.arg(&out);
-        launch.push_scalars(&mut builder);
+        builder.arg(&part);
+        launch.attention.push_scalars(&mut builder);
         // SAFETY: the operands were checked above; the block ids come from the block pool.
-        unsafe { builder.launch(launch.config()) }.w()?;
+        unsafe { builder.launch(launch.attention.config()) }.w()?;
+        if let Some(merge) = &launch.merge {
+            let func = load(&merge.kernel)?;
+            let mut builder = func.builder();
+            builder.arg(&part);
+            builder.arg(&out);
+            merge.push_scalars(&mut builder);
+            // SAFETY: the partial sums of every split were written above, on the same stream.
+            unsafe { builder.launch(merge.config()) }.w()?;
+        }
         let out = candle_core::CudaStorage::wrap_cuda_slice(out, dev);
         Ok((out, Shape::from((b, self.width()))))
     }

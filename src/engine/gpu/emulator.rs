@@ -137,7 +137,7 @@ mod tests {
     use candle_core::{Device, Tensor};
     use half::f16;
 
-    use super::super::decode_attention::PagedDecode;
+    use super::super::decode_attention::{DecodeLaunch, PagedDecode};
     use super::super::kv_write::KvWrite;
     use super::super::rope::{test_tables, RopeRows};
     use super::super::test_values as values;
@@ -195,32 +195,82 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap();
 
-            let launch = op.launch(b, width + 8).unwrap();
             let table = table.flatten_all().unwrap().to_vec1::<u32>().unwrap();
-            let buffers = [
-                f32_bytes(&wide[8..]), // the GPU path passes the queries from their offset
-                f16_bytes(&k),
-                f16_bytes(&v),
-                u32_bytes(&table),
-                vec![0; 4 * b * width],
-            ];
-            let out = run(&launch, &buffers).unwrap_or_else(|e| panic!("{hd}/{nkv}/{group}: {e}"));
-            let got = f32s(&out[4]);
-            assert_eq!(got.len(), want.len());
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // One split (what the launch chooses for caches this short); splits at block
+            // boundaries (4 of them, the last ones past most caches' ends); splits that cut
+            // blocks.
+            assert_eq!(op.chunk(b).unwrap(), None, "{hd}/{nkv}/{group}");
+            for chunk in [None, Some(32), Some(40)] {
+                let launch = op.launch(b, width + 8, chunk).unwrap();
+                assert_eq!(launch.merge.is_some(), chunk.is_some());
+                let buffers = [
+                    f32_bytes(&wide[8..]), // the GPU path passes the queries from their offset
+                    f16_bytes(&k),
+                    f16_bytes(&v),
+                    u32_bytes(&table),
+                    vec![0; 4 * b * width],
+                ];
+                let got = decode(&launch, buffers)
+                    .unwrap_or_else(|e| panic!("{hd}/{nkv}/{group}, chunk {chunk:?}: {e}"));
+                assert_eq!(got.len(), want.len());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                        "heads of {hd} × {nkv} × {group}, chunk {chunk:?}, row {} value {}: \
+                         kernel {g}, CPU side {w}",
+                        i / width,
+                        i % width
+                    );
+                }
                 assert!(
-                    (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
-                    "heads of {hd} × {nkv} × {group}, row {} value {}: kernel {g}, CPU side {w}",
-                    i / width,
-                    i % width
+                    got[..width].iter().all(|&x| x == 0.0),
+                    "an empty cache gives zeros"
                 );
+                assert!(got[width..].iter().any(|&x| x != 0.0));
             }
-            assert!(
-                got[..width].iter().all(|&x| x == 0.0),
-                "an empty cache gives zeros"
-            );
-            assert!(got[width..].iter().any(|&x| x != 0.0));
         }
+    }
+
+    /// Runs a paged decode's launches over its first five buffers (queries, slabs, table,
+    /// output), with room for the partial sums; gives the output.
+    fn decode(launch: &DecodeLaunch, buffers: [Vec<u8>; 5]) -> Result<Vec<f32>, String> {
+        let [q, k, v, table, out] = buffers;
+        let part = vec![0; 4 * launch.partials.max(1)];
+        let mut done = run(&launch.attention, &[q, k, v, table, out, part])?;
+        if let Some(merge) = &launch.merge {
+            let (part, out) = (done.swap_remove(5), done.swap_remove(4));
+            done = run(merge, &[part, out])?;
+            return Ok(f32s(&done[1]));
+        }
+        Ok(f32s(&done[4]))
+    }
+
+    #[test]
+    fn long_caches_of_few_rows_are_split_among_enough_blocks() {
+        let dev = Device::Cpu;
+        let table = |len: usize, rows: usize| {
+            let ids: Vec<u32> = (0..len.div_ceil(BLOCK_LEN) as u32).collect();
+            let caches: Vec<(usize, &[u32])> = (0..rows).map(|_| (len, &ids[..])).collect();
+            PagedDecode::table(&caches, 1 << 12, &dev).unwrap()
+        };
+        let chunk = |len, rows| {
+            let t = table(len, rows);
+            let op = PagedDecode {
+                table: &t,
+                n_kv: 4,
+                group: 4,
+                head_dim: 128,
+                scale: 1.0,
+            };
+            op.chunk(rows).unwrap()
+        };
+        // SmolLM3's 4 KV heads: one stream at 4,096 positions takes 32 splits of 128.
+        assert_eq!(chunk(4096, 1), Some(128));
+        // 8 streams: 32 blocks, split 8 ways.
+        assert_eq!(chunk(4096, 8), Some(512));
+        // 64 streams fill the GPU without splits; so does a short cache.
+        assert_eq!(chunk(4096, 64), None);
+        assert_eq!(chunk(100, 1), None);
     }
 
     #[test]
@@ -245,7 +295,7 @@ mod tests {
             u32_bytes(&table.flatten_all().unwrap().to_vec1::<u32>().unwrap()),
             vec![0; 4 * width],
         ];
-        let err = run(&op.launch(1, width).unwrap(), &buffers).unwrap_err();
+        let err = decode(&op.launch(1, width, None).unwrap(), buffers).unwrap_err();
         assert!(err.contains("AddressSanitizer"), "{err}");
     }
 

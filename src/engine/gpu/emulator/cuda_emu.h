@@ -77,6 +77,7 @@ inline float __shfl_xor_sync(unsigned int mask, float v, int lane_mask) {
 }
 
 inline float __expf(float x) { return std::exp(x); }
+inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
 
 namespace emu {
 // Runs `kernel` over the grid: a block at a time, each of its threads an OS thread.

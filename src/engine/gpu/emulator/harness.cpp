@@ -34,10 +34,10 @@ using Kernel = std::function<void(void **, const uint32_t *)>;
 // Each kernel by name: how many buffers it takes (in its parameter order), and the call.
 #define DECODE(HD)                                                                            \
   {"decode_attention_" #HD,                                                                   \
-   {5, [](void **b, const uint32_t *s) {                                                      \
+   {6, [](void **b, const uint32_t *s) {                                                      \
       decode_attention_##HD((const float *)b[0], (const __half *)b[1], (const __half *)b[2], \
-                            (const uint32_t *)b[3], (float *)b[4], s[0], s[1], s[2], s[3],    \
-                            f32(s[4]));                                                       \
+                            (const uint32_t *)b[3], (float *)b[4], (float *)b[5], s[0], s[1], \
+                            s[2], s[3], s[4], f32(s[5]));                                     \
     }}}
 
 const std::map<std::string, std::pair<size_t, Kernel>> kernels = {
@@ -47,6 +47,11 @@ const std::map<std::string, std::pair<size_t, Kernel>> kernels = {
     DECODE(80),
     DECODE(96),
     DECODE(128),
+    {"decode_attention_merge",
+     {2,
+      [](void **b, const uint32_t *s) {
+        decode_attention_merge((const float *)b[0], (float *)b[1], s[0], s[1], s[2], s[3]);
+      }}},
     {"kv_write_f32",
      {5,
       [](void **b, const uint32_t *s) {
