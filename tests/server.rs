@@ -804,3 +804,83 @@ async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl, cookie: &s
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_and_gives_its_socket_back() {
+    use smolchat::store::{MessageStatus, Role, Settings};
+    let srv = server(
+        "deaf",
+        SchedulerConfig::cpu(),
+        Limits {
+            sockets_per_user: 1,
+            write_timeout: Duration::from_secs(1),
+            ..limits()
+        },
+    )
+    .await;
+    // A conversation whose snapshot is 8 MB: a few of them fill any socket buffer.
+    let user = srv.store.create_user().await.unwrap();
+    let token = srv.store.create_login(user).await.unwrap();
+    let conv = srv
+        .store
+        .create_conversation(user, "big", "", &Settings::default(), false)
+        .await
+        .unwrap()
+        .id;
+    let mut parent = None;
+    for i in 0..8 {
+        let role = if i % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
+        let text = "x".repeat(1 << 20);
+        let m = srv
+            .store
+            .add_message(user, conv, parent, role, &text, MessageStatus::Complete)
+            .await
+            .unwrap();
+        parent = Some(m.id);
+    }
+    let request = || {
+        let mut req = format!("ws://{}/ws", srv.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req
+    };
+    // A client with a small receive buffer that asks for the snapshot again and again and
+    // never reads.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let stream = tcp.connect(srv.addr).await.unwrap();
+    let (mut deaf, _) = tokio_tungstenite::client_async(request(), stream)
+        .await
+        .unwrap();
+    let open = json!({"type":"open","conversation_id":conv}).to_string();
+    for _ in 0..4 {
+        if deaf.send(Message::Text(open.clone().into())).await.is_err() {
+            break;
+        }
+    }
+    // Its one socket slot is taken meanwhile; once the server gives up writing to it, the slot
+    // comes back and the same user gets in again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (mut again, _) = loop {
+        match tokio_tungstenite::connect_async(request()).await {
+            Ok(ws) => break ws,
+            Err(e) => {
+                assert!(e.to_string().contains("429"), "{e}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the deaf socket was never dropped"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(next(&mut again).await["type"], "hello");
+    drop(deaf);
+    srv.shutdown().await;
+}

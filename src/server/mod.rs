@@ -41,6 +41,9 @@ pub struct Limits {
     pub subscriptions_per_socket: usize,
     /// Bad frames (invalid JSON, unknown types, …) before the socket is closed with 1008.
     pub max_bad_frames: usize,
+    /// How long a frame may wait for a client that does not read before the socket is dropped
+    /// (its conversations are left as they are; their answers go on and are stored).
+    pub write_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -53,6 +56,7 @@ impl Default for Limits {
             sockets_per_user: 8,
             subscriptions_per_socket: 16,
             max_bad_frames: 10,
+            write_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

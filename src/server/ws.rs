@@ -137,6 +137,7 @@ struct Socket {
 async fn run(state: Arc<AppState>, user: UserId, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<Outgoing>(OUTBOX);
+    let write_timeout = state.limits.write_timeout;
     let writer = tokio::spawn(async move {
         while let Some(o) = outbox.recv().await {
             let frame = match o {
@@ -154,8 +155,13 @@ async fn run(state: Arc<AppState>, user: UserId, socket: WebSocket) {
                     break;
                 }
             };
-            if sink.send(frame).await.is_err() {
-                break;
+            match tokio::time::timeout(write_timeout, sink.send(frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::info!("a client stopped reading its socket; dropping it");
+                    break;
+                }
             }
         }
     });
@@ -179,6 +185,8 @@ async fn run(state: Arc<AppState>, user: UserId, socket: WebSocket) {
                 s.close(1001, "server shutting down").await;
                 break;
             }
+            // The writer gave up on this client (or the socket broke): nothing can reach it.
+            _ = s.out.closed() => break,
         };
         let text = match frame {
             None | Some(Ok(Message::Close(_))) => break,
