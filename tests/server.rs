@@ -884,3 +884,54 @@ async fn a_client_that_stops_reading_is_dropped_and_gives_its_socket_back() {
     drop(deaf);
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_from_two_sockets_at_once_are_held_to_the_generation_limit_together() {
+    let srv = server(
+        "together",
+        SchedulerConfig::cpu(),
+        Limits {
+            concurrent_generations: 1,
+            ..limits()
+        },
+    )
+    .await;
+    let cookie = visitor(srv.addr).await;
+    let (mut a, mut b) = (
+        connect(srv.addr, &cookie).await,
+        connect(srv.addr, &cookie).await,
+    );
+    let (ca, cb) = (create(&mut a, 6).await, create(&mut b, 6).await);
+    for round in 0..6 {
+        let ask = |conv: &str| {
+            json!({"type":"send","request_id":format!("r{round}"),
+                "conversation_id":conv,"content":"Say one word."})
+        };
+        tokio::join!(send(&mut a, ask(&ca)), send(&mut b, ask(&cb)));
+        let rid = format!("r{round}");
+        let (ra, rb) = (reply_to(&mut a, &rid).await, reply_to(&mut b, &rid).await);
+        let started = [&ra, &rb].iter().filter(|c| c.as_str() == "ok").count();
+        assert!(
+            started <= 1,
+            "round {round}: {ra} and {rb} at a limit of one"
+        );
+        for (ws, r) in [(&mut a, &ra), (&mut b, &rb)] {
+            if r == "ok" {
+                until_done(ws).await;
+            } else {
+                assert_eq!(r, "too_many_generations");
+            }
+        }
+    }
+    srv.shutdown().await;
+}
+
+/// The code of the answer to request `rid` ("ok" for an ack).
+async fn reply_to(ws: &mut Ws, rid: &str) -> String {
+    loop {
+        let v = next(ws).await;
+        if v["request_id"] == rid {
+            return v["code"].as_str().unwrap_or("ok").to_owned();
+        }
+    }
+}

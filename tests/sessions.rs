@@ -694,6 +694,8 @@ enum Fault {
     /// The same text, then the job's sink is dropped without `Done` or `Error`, as a model
     /// actor that fails mid-job leaves it.
     Vanish,
+    /// More text than the store keeps in one message (1 MiB), then done.
+    Huge,
 }
 
 /// A model actor that misbehaves on purpose (fault injection at the session's other end).
@@ -724,13 +726,17 @@ impl Actor for FaultyModel {
                 let fault = *fault;
                 let prompt_tokens = job.prompt.len();
                 tokio::spawn(async move {
-                    let piece = (Channel::Answer, "a\0b".to_owned());
+                    let text = match fault {
+                        Fault::Huge => "x".repeat((1 << 20) + 1),
+                        _ => "a\0b".to_owned(),
+                    };
+                    let piece = (Channel::Answer, text);
                     let token = JobEvent::Token {
                         id: 0,
                         pieces: vec![piece],
                     };
                     let _ = job.sink.send(token).await;
-                    if let Fault::Nul = fault {
+                    if let Fault::Nul | Fault::Huge = fault {
                         let done = JobDone {
                             finish_reason: FinishReason::Stop,
                             prompt_tokens,
@@ -789,6 +795,7 @@ async fn a_nul_from_the_model_is_stored_as_a_replacement_and_a_job_that_vanishes
                 assert_eq!(done.status, MessageStatus::Error);
                 assert_eq!(error.as_deref(), Some("unavailable"));
             }
+            Fault::Huge => unreachable!(),
         }
         assert_eq!(
             w.session().await.get_id(),
@@ -798,4 +805,35 @@ async fn a_nul_from_the_model_is_stored_as_a_replacement_and_a_job_that_vanishes
         // The conversation goes on.
         w.send("Again?").await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_store_can_never_take_ends_as_an_error_and_the_session_goes_on() {
+    let (model, _) = Actor::spawn(None, FaultyModel, Fault::Huge).await.unwrap();
+    let w = world_with("faulty-huge", 16, model).await;
+    let (_, mut rx) = w.subscribe(64).await;
+    let session = w.session().await;
+    w.send("Hello?").await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await.expect("the session keeps its subscribers") {
+                SessionEvent::Error { code, .. } => return code,
+                SessionEvent::MessageDone { .. } => panic!("stored although too long"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the answer ended");
+    assert_eq!(code, "invalid_request");
+    assert!(!call!(session, SessionMsg::IsGenerating).unwrap());
+    let branch = w.store.branch(w.user, w.conv, None).await.unwrap();
+    assert_eq!(branch.len(), 2);
+    assert_eq!(branch[1].status, MessageStatus::Error, "not left streaming");
+    assert_eq!(branch[1].content, "");
+    assert_eq!(
+        w.session().await.get_id(),
+        session.get_id(),
+        "the same actor"
+    );
 }

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent,
+};
 
 use super::model_actor::ModelMsg;
 use super::session::{SessionActor, SessionArgs, SessionError, SessionMsg};
@@ -118,7 +120,16 @@ impl RegistryState {
         // (`StoreError::NotFound` becomes `SessionError::NotFound`).
         self.args.store.conversation(owner, conv).await?;
         if let Some(a) = self.sessions.get(&conv) {
-            return Ok(a.clone());
+            // A session that stopped itself for idleness stays here until its termination
+            // reaches us: a new one takes its place rather than handing out a stopping actor
+            // (its post_stop has nothing to write, an idle session has no answer running).
+            if !matches!(
+                a.get_status(),
+                ActorStatus::Draining | ActorStatus::Stopping | ActorStatus::Stopped
+            ) {
+                return Ok(a.clone());
+            }
+            self.sessions.remove(&conv);
         }
         let args = SessionArgs {
             conversation: conv,

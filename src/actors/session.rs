@@ -171,6 +171,8 @@ struct Active {
     /// How the answer ended, once it has: kept until the store has taken it (a failed write is
     /// tried again on each tick, and meanwhile the answer stays active).
     outcome: Option<MessageOutcome>,
+    /// After a failed write: not before this is it tried again.
+    retry_at: Option<Instant>,
 }
 
 pub struct SessionState {
@@ -560,6 +562,7 @@ impl SessionState {
             last_checkpoint: Instant::now(),
             stopped: false,
             outcome: None,
+            retry_at: None,
         });
         let siblings = self.versions(Some(user), message.id).await;
         self.broadcast(SessionEvent::MessageStarted { message, siblings });
@@ -711,26 +714,61 @@ impl SessionState {
 
     /// Writes the active answer: once it has ended, as finished (and then it is no longer
     /// active); before, as a checkpoint when it changed and the last one is old enough. A
-    /// failed write is logged and left for the next tick: the text stays here meanwhile.
+    /// failed write is logged and tried again a checkpoint interval later (on a tick, or with
+    /// a later token): the text stays here meanwhile. A write that can never succeed (the
+    /// conversation is gone, or the store refuses the text) ends the answer with an error.
     async fn store_answer(&mut self) {
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        if !a.dirty || (a.outcome.is_none() && a.last_checkpoint.elapsed() < CHECKPOINT) {
+        let now = Instant::now();
+        if !a.dirty
+            || a.retry_at.is_some_and(|t| now < t)
+            || (a.outcome.is_none() && a.last_checkpoint.elapsed() < CHECKPOINT)
+        {
             return;
         }
         let s = &self.args;
         let outcome = a.outcome.clone().unwrap_or_default();
-        if let Err(e) = s
+        match s
             .store
             .finish_message(s.owner, a.message.id, &a.content, &a.reasoning, &outcome)
             .await
         {
-            tracing::warn!(error = %e, message = %a.message.id, "storing an answer failed; trying again on the next tick");
-            return;
+            Ok(()) => {}
+            Err(e @ StoreError::Db(_)) => {
+                tracing::warn!(error = %e, message = %a.message.id, "storing an answer failed; trying again shortly");
+                a.retry_at = Some(now + CHECKPOINT);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, message = %a.message.id, "the answer cannot be stored; ending it");
+                let _ = s.model.cast(ModelMsg::Cancel(a.job));
+                // Not left streaming: stored as failed, without the text the store refuses.
+                let failed = MessageOutcome {
+                    status: Some(MessageStatus::Error),
+                    finish_reason: Some("error".into()),
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                };
+                if let Err(e) = s
+                    .store
+                    .finish_message(s.owner, a.message.id, "", "", &failed)
+                    .await
+                {
+                    tracing::warn!(error = %e, "marking the answer failed did not work either");
+                }
+                self.active = None;
+                self.broadcast(SessionEvent::Error {
+                    code: e.code().into(),
+                    message: e.to_string(),
+                });
+                return;
+            }
         }
         a.dirty = false;
-        a.last_checkpoint = Instant::now();
+        a.retry_at = None;
+        a.last_checkpoint = now;
         if a.outcome.is_none() {
             return;
         }

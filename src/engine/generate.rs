@@ -72,12 +72,12 @@ impl SequenceState {
         &self.history[self.prompt_len..]
     }
 
-    /// Samples the next token from `logits`.
     /// See [`Sampler::is_greedy`].
     pub fn is_greedy(&self) -> bool {
         self.sampler.is_greedy()
     }
 
+    /// Samples the next token from `logits`.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.sampler.sample(logits, &self.history)
     }

@@ -26,8 +26,9 @@ pub enum Logits {
     None,
     Last,
     All,
-    /// Only the last row's most likely token (the first of equals on the CPU), worked out where
-    /// the logits are: from a GPU four bytes come back instead of the whole vocabulary.
+    /// Only the last row's most likely token, worked out where the logits are: from a GPU four
+    /// bytes come back instead of the whole vocabulary. Of exactly equal logits the CPU picks
+    /// the first; candle's GPU argmax may pick another.
     Greedy,
 }
 

@@ -5,7 +5,7 @@ mod identity;
 mod rest;
 mod ws;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -61,6 +61,15 @@ impl Default for Limits {
     }
 }
 
+/// A conversation counted against `concurrent_generations`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Generating {
+    /// An answer was started in it (and was generating when last asked).
+    started: bool,
+    /// Requests admitted and not yet answered by the session.
+    pending: usize,
+}
+
 pub struct ServerConfig {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
@@ -82,7 +91,8 @@ pub(crate) struct AppState {
     metrics: PrometheusHandle,
     sockets: Mutex<HashMap<UserId, usize>>,
     sends: Mutex<HashMap<UserId, VecDeque<Instant>>>,
-    generating: Mutex<HashMap<UserId, HashSet<ConversationId>>>,
+    /// Per user, the conversations generating, or about to.
+    generating: Mutex<HashMap<UserId, HashMap<ConversationId, Generating>>>,
     shutdown: watch::Receiver<bool>,
 }
 

@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use ractor::{call, ActorRef};
+use ractor::{call, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 
 use super::rest::{error, store_error};
@@ -327,11 +327,8 @@ impl Socket {
                 content,
             } => {
                 self.check_content(&content)?;
-                self.admit_generation(conversation_id).await?;
-                let session = self.session(conversation_id).await?;
-                call!(session, SessionMsg::Send, content)
-                    .map_err(internal)?
-                    .map_err(refusal)?;
+                self.generate(conversation_id, |r| SessionMsg::Send(content, r))
+                    .await?;
                 self.send(ServerEvent::Ack { request_id }).await;
             }
             ClientMessage::Stop {
@@ -347,11 +344,8 @@ impl Socket {
                 conversation_id,
                 message_id,
             } => {
-                self.admit_generation(conversation_id).await?;
-                let session = self.session(conversation_id).await?;
-                call!(session, SessionMsg::Regenerate, message_id)
-                    .map_err(internal)?
-                    .map_err(refusal)?;
+                self.generate(conversation_id, |r| SessionMsg::Regenerate(message_id, r))
+                    .await?;
                 self.send(ServerEvent::Ack { request_id }).await;
             }
             ClientMessage::Edit {
@@ -361,11 +355,10 @@ impl Socket {
                 content,
             } => {
                 self.check_content(&content)?;
-                self.admit_generation(conversation_id).await?;
-                let session = self.session(conversation_id).await?;
-                call!(session, SessionMsg::Edit, message_id, content)
-                    .map_err(internal)?
-                    .map_err(refusal)?;
+                self.generate(conversation_id, |r| {
+                    SessionMsg::Edit(message_id, content, r)
+                })
+                .await?;
                 self.send(ServerEvent::Ack { request_id }).await;
             }
             ClientMessage::Rename {
@@ -480,8 +473,34 @@ impl Socket {
         Ok(())
     }
 
+    /// Starts an answer in `conv` with the session request `msg` builds, within the user's
+    /// limits ([`Self::admit_generation`]); the reservation it took is settled by the answer.
+    async fn generate(
+        &self,
+        conv: ConversationId,
+        msg: impl FnOnce(RpcReplyPort<Result<(), SessionError>>) -> SessionMsg,
+    ) -> Result<(), Refusal> {
+        self.admit_generation(conv).await?;
+        let started = match self.session(conv).await {
+            Ok(session) => call!(session, msg)
+                .map_err(internal)
+                .and_then(|r| r.map_err(refusal)),
+            Err(e) => Err(e),
+        };
+        let mut generating = lock(&self.state.generating);
+        let set = generating.entry(self.user).or_default();
+        let g = set.entry(conv).or_default();
+        g.pending = g.pending.saturating_sub(1);
+        g.started |= started.is_ok();
+        if !g.started && g.pending == 0 {
+            set.remove(&conv); // refused, and not generating before either
+        }
+        started
+    }
+
     /// Per-user limits on starting generations: messages per minute, and conversations
-    /// generating at once.
+    /// generating at once. An admitted conversation is reserved, so that sends from two
+    /// sockets at once both count; [`Self::generate`] settles the reservation.
     async fn admit_generation(&self, conv: ConversationId) -> Result<(), Refusal> {
         let st = &self.state;
         {
@@ -505,24 +524,39 @@ impl Socket {
             }
             q.push_back(now);
         }
-        let others: Vec<ConversationId> = lock(&st.generating)
+        // Which of the others that started are still generating (asked outside the lock).
+        let started: Vec<ConversationId> = lock(&st.generating)
             .get(&self.user)
-            .map(|s| s.iter().copied().filter(|c| *c != conv).collect())
+            .map(|m| {
+                m.iter()
+                    .filter(|&(c, g)| g.started && *c != conv)
+                    .map(|(c, _)| *c)
+                    .collect()
+            })
             .unwrap_or_default();
-        let mut still = Vec::new();
-        for &c in &others {
-            if let Ok(session) = self.session(c).await {
-                if call!(session, SessionMsg::IsGenerating).unwrap_or(false) {
-                    still.push(c);
-                }
+        let mut idle = Vec::new();
+        for &c in &started {
+            let generating = match self.session(c).await {
+                Ok(session) => call!(session, SessionMsg::IsGenerating).unwrap_or(false),
+                Err(_) => false,
+            };
+            if !generating {
+                idle.push(c);
             }
         }
         let mut generating = lock(&st.generating);
         let set = generating.entry(self.user).or_default();
-        // Those found idle go; those still generating stay, and so do any another socket of
-        // this user reserved since `others` was read.
-        set.retain(|c| *c == conv || still.contains(c) || !others.contains(c));
-        if set.iter().filter(|c| **c != conv).count() >= st.limits.concurrent_generations {
+        // Those found idle are no longer started; they go unless a request for them is
+        // admitted and not yet answered (whatever their session said meanwhile).
+        for c in idle {
+            if let Some(g) = set.get_mut(&c) {
+                g.started = false;
+                if g.pending == 0 {
+                    set.remove(&c);
+                }
+            }
+        }
+        if set.keys().filter(|c| **c != conv).count() >= st.limits.concurrent_generations {
             return Err((
                 "too_many_generations",
                 format!(
@@ -531,9 +565,7 @@ impl Socket {
                 ),
             ));
         }
-        // Reserved under the same lock, so that sends from two sockets at once both count. A
-        // reservation whose send then fails is dropped by the next look (it is not generating).
-        set.insert(conv);
+        set.entry(conv).or_default().pending += 1;
         Ok(())
     }
 }
