@@ -23,6 +23,9 @@ pub struct BenchReport {
     pub decode_batch: BTreeMap<usize, f64>,
     /// Aggregate decode tokens/s with 16 sequences of 1,000 tokens each.
     pub decode_16_at_1000: f64,
+    /// One stream at 4,000 tokens (0 when the context is shorter): on a GPU, where a single
+    /// long cache is split among thread blocks.
+    pub decode_1_at_4000: f64,
     /// Peak resident memory of the process (after the 16 × 1,000 case), MB.
     pub peak_rss_mb: f64,
     /// GPU memory in use at the end (weights, KV slabs, candle's buffers) and in all, MB.
@@ -152,6 +155,12 @@ pub fn run(model: &Model, batches: &[usize]) -> BenchReport {
         None => 0.0,
     };
     tracing::info!(decode_16_at_1000, "bench");
+    let fits = model.cfg.context_length >= 4000 + 64;
+    let decode_1_at_4000 = match filled(model, &[4000]).filter(|_| fits) {
+        Some(mut long) => decode_rate(model, &mut long, 16),
+        None => 0.0,
+    };
+    tracing::info!(decode_1_at_4000, "bench");
     BenchReport {
         device: model.device_name(),
         gpu_memory_mb: model
@@ -162,6 +171,7 @@ pub fn run(model: &Model, batches: &[usize]) -> BenchReport {
         decode_1,
         decode_batch,
         decode_16_at_1000,
+        decode_1_at_4000,
         peak_rss_mb: peak_rss_mb(),
         threads: crate::engine::pool::global().threads(),
     }
@@ -193,6 +203,10 @@ impl BenchReport {
         s += &format!(
             "| decode, 16 sequences at 1,000 tokens (aggregate) | {:.1} |\n",
             self.decode_16_at_1000
+        );
+        s += &format!(
+            "| decode, 1 stream at 4,000 tokens | {:.1} |\n",
+            self.decode_1_at_4000
         );
         s += &format!("| peak RSS | {:.0} MB |\n", self.peak_rss_mb);
         if let Some((used, total)) = self.gpu_memory_mb {
