@@ -414,6 +414,22 @@ async fn bad_input_gets_documented_errors_and_changes_nothing() {
     assert!(accepted >= 1, "{codes:?}");
     assert_eq!(questions, vec!["hi"; accepted], "{conv}");
 
+    // A path or query the API cannot read gets its JSON error, as every other refusal.
+    for (path, status, code) in [
+        ("/api/conversations/%ff", 404, "not_found"),
+        ("/api/conversations?q=a&q=b", 400, "invalid_request"),
+    ] {
+        let r = http
+            .get(format!("http://{}{path}", srv.addr))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], code, "{path}: {v}");
+    }
+
     // One socket follows so many conversations at once, then is asked to close one.
     let mut more = Vec::new();
     for _ in 0..2 {

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderMap, StatusCode};
@@ -74,7 +75,7 @@ async fn require_writer(state: &AppState, headers: &HeaderMap) -> Result<UserId,
 async fn user_and_id(
     state: &AppState,
     headers: &HeaderMap,
-    id: &str,
+    id: &Result<Path<String>, PathRejection>,
 ) -> Result<(UserId, ConversationId), Response> {
     Ok((require_user(state, headers).await?, parse_id(id)?))
 }
@@ -83,15 +84,18 @@ async fn user_and_id(
 async fn writer_and_id(
     state: &AppState,
     headers: &HeaderMap,
-    id: &str,
+    id: &Result<Path<String>, PathRejection>,
 ) -> Result<(UserId, ConversationId), Response> {
     Ok((require_writer(state, headers).await?, parse_id(id)?))
 }
 
-fn parse_id(id: &str) -> Result<ConversationId, Response> {
-    // An id that is not a UUID answers like a conversation that does not exist.
-    id.parse()
-        .map_err(|_| error(StatusCode::NOT_FOUND, "not_found", "conversation not found"))
+fn parse_id(id: &Result<Path<String>, PathRejection>) -> Result<ConversationId, Response> {
+    // An id that is not a UUID (or not even text) answers like a conversation that does not
+    // exist.
+    id.as_ref()
+        .ok()
+        .and_then(|Path(id)| id.parse().ok())
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "conversation not found"))
 }
 
 pub async fn index(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -160,11 +164,18 @@ pub struct ListQuery {
 pub async fn list(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     let user = match require_user(&state, &headers).await {
         Ok(u) => u,
         Err(r) => return r,
+    };
+    let Ok(Query(query)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the query string is not `q=<words>`",
+        );
     };
     match query.q.filter(|q| !q.trim().is_empty()) {
         Some(q) => match state.store.search(user, &q).await {
@@ -227,7 +238,7 @@ pub async fn create(
 pub async fn get_one(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Response {
     let (user, id) = match user_and_id(&state, &headers, &id).await {
         Ok(v) => v,
@@ -248,7 +259,7 @@ pub async fn get_one(
 pub async fn patch(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Response {
     let (user, id) = match writer_and_id(&state, &headers, &id).await {
@@ -268,7 +279,7 @@ pub async fn patch(
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Response {
     let (user, id) = match writer_and_id(&state, &headers, &id).await {
         Ok(v) => v,
