@@ -79,11 +79,17 @@ pub(super) fn run(launch: &Launch, buffers: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, 
         child.stdout.take().expect("piped"),
         child.stderr.take().expect("piped"),
     );
-    let reader = std::thread::spawn(move || {
-        let (mut out, mut err) = (Vec::new(), String::new());
+    // Each pipe drained by a thread of its own, so that a long report on one cannot block
+    // the harness while the other is read.
+    let out_reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
         let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut err = String::new();
         let _ = stderr.read_to_string(&mut err);
-        (out, err)
+        err
     });
     let start = Instant::now();
     let status = loop {
@@ -100,7 +106,10 @@ pub(super) fn run(launch: &Launch, buffers: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, 
         std::thread::sleep(Duration::from_millis(5));
     };
     let _ = writer.join();
-    let (out, err) = reader.join().expect("reader");
+    let (out, err) = (
+        out_reader.join().expect("stdout reader"),
+        err_reader.join().expect("stderr reader"),
+    );
     if !status.success() {
         return Err(err);
     }
@@ -115,16 +124,9 @@ pub(super) fn run(launch: &Launch, buffers: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, 
         .collect())
 }
 
-pub(super) fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-pub(super) fn u32_bytes(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-pub(super) fn f16_bytes(v: &[half::f16]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// A buffer's bytes as the kernels read them: `le(v)` is the element type's `to_le_bytes`.
+fn bytes<T: Copy, const N: usize>(v: &[T], le: fn(T) -> [u8; N]) -> Vec<u8> {
+    v.iter().flat_map(|&x| le(x)).collect()
 }
 
 pub(super) fn f32s(b: &[u8]) -> Vec<f32> {
@@ -204,10 +206,10 @@ mod tests {
                 let launch = op.launch(b, width + 8, chunk).unwrap();
                 assert_eq!(launch.merge.is_some(), chunk.is_some());
                 let buffers = [
-                    f32_bytes(&wide[8..]), // the GPU path passes the queries from their offset
-                    f16_bytes(&k),
-                    f16_bytes(&v),
-                    u32_bytes(&table),
+                    bytes(&wide[8..], f32::to_le_bytes), // the GPU path passes the queries from their offset
+                    bytes(&k, f16::to_le_bytes),
+                    bytes(&v, f16::to_le_bytes),
+                    bytes(&table, u32::to_le_bytes),
                     vec![0; 4 * b * width],
                 ];
                 let got = decode(&launch, buffers)
@@ -289,10 +291,13 @@ mod tests {
         };
         let width = nkv * group * hd;
         let buffers = [
-            f32_bytes(&values(width, 1)),
+            bytes(&values(width, 1), f32::to_le_bytes),
             vec![0; 2 * slab_rows * hd],
             vec![0; 2 * slab_rows * hd],
-            u32_bytes(&table.flatten_all().unwrap().to_vec1::<u32>().unwrap()),
+            bytes(
+                &table.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+                u32::to_le_bytes,
+            ),
             vec![0; 4 * width],
         ];
         let err = decode(&op.launch(1, width, None).unwrap(), buffers).unwrap_err();
@@ -326,19 +331,27 @@ mod tests {
 
             let table = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let (c, s) = match rope {
-                Some((c, s)) => (f32_bytes(&table(c)), f32_bytes(&table(s))),
+                Some((c, s)) => (
+                    bytes(&table(c), f32::to_le_bytes),
+                    bytes(&table(s), f32::to_le_bytes),
+                ),
                 None => (Vec::new(), Vec::new()), // not read: the GPU path passes the source
             };
             let buffers = [
-                f32_bytes(&fused[16..]),
-                u32_bytes(&rows),
-                f16_bytes(&before),
+                bytes(&fused[16..], f32::to_le_bytes),
+                bytes(&rows, u32::to_le_bytes),
+                bytes(&before, f16::to_le_bytes),
                 c,
                 s,
             ];
             let out = run(&op.launch(rows.len(), stride).unwrap(), &buffers).unwrap();
-            assert_eq!(out[2], f16_bytes(&want), "rope: {}", rope.is_some());
-            assert_ne!(out[2], f16_bytes(&before));
+            assert_eq!(
+                out[2],
+                bytes(&want, f16::to_le_bytes),
+                "rope: {}",
+                rope.is_some()
+            );
+            assert_ne!(out[2], bytes(&before, f16::to_le_bytes));
         }
     }
 
@@ -364,9 +377,14 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let table = |x: &Tensor| f32_bytes(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let table = |x: &Tensor| {
+            bytes(
+                &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                f32::to_le_bytes,
+            )
+        };
         let buffers = [
-            f32_bytes(&fused),
+            bytes(&fused, f32::to_le_bytes),
             table(&cos),
             table(&sin),
             vec![0; 4 * t * heads * hd],

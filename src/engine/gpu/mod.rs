@@ -521,17 +521,27 @@ impl CandleModel {
         }
 
         // Logits only for the rows that are sampled, and only those that are not a greedy pick
-        // come back: a greedy sequence's token is chosen on the device.
-        let mut wanted = Vec::new();
-        let mut rows_of = vec![0; batch.len()];
+        // come back: a greedy sequence's token is chosen on the device. Rows of the logits:
+        // `picks` (sequence, its greedy row), `whole` (sequence, its first row, rows).
+        let mut wanted: Vec<u32> = Vec::new();
+        let (mut picks, mut whole) = (Vec::new(), Vec::new());
         for (&i, &(r0, n, _)) in order.iter().zip(&spans) {
-            let rows: Vec<u32> = match batch[i].logits {
-                Logits::None => vec![],
-                Logits::Last | Logits::Greedy => vec![(r0 + n - 1) as u32],
-                Logits::All => (r0 as u32..(r0 + n) as u32).collect(),
-            };
-            rows_of[i] = rows.len();
-            wanted.extend(rows);
+            let (at, last) = (wanted.len(), (r0 + n - 1) as u32);
+            match batch[i].logits {
+                Logits::None => {}
+                Logits::Greedy => {
+                    picks.push((i, at));
+                    wanted.push(last);
+                }
+                Logits::Last => {
+                    whole.push((i, at, 1));
+                    wanted.push(last);
+                }
+                Logits::All => {
+                    whole.push((i, at, n));
+                    wanted.extend(r0 as u32..=last);
+                }
+            }
         }
         let mut outputs: Vec<StepOutput> = vec![StepOutput::Logits(Vec::new()); batch.len()];
         if wanted.is_empty() {
@@ -541,17 +551,6 @@ impl CandleModel {
         let sel = x.index_select(&Tensor::from_vec(wanted, w, dev)?, 0)?;
         let sel = candle_nn::ops::rms_norm(&sel, &self.out_norm, cfg.rms_eps)?;
         let logits = self.output.forward(&sel)?;
-        // Rows of `logits`: (sequence, its greedy row) and (sequence, its first row, rows).
-        let (mut picks, mut whole) = (Vec::new(), Vec::new());
-        let mut at = 0;
-        for &i in &order {
-            match (rows_of[i], batch[i].logits) {
-                (0, _) => {}
-                (_, Logits::Greedy) => picks.push((i, at)),
-                (n, _) => whole.push((i, at, n)),
-            }
-            at += rows_of[i];
-        }
         let rows = |r: Vec<u32>| {
             let n = r.len();
             Tensor::from_vec(r, n, dev)
