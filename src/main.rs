@@ -90,6 +90,9 @@ struct ServeArgs {
     /// Answers generating at once per user.
     #[arg(long, default_value_t = 2)]
     concurrent_generations: usize,
+    /// Conversations one user may keep.
+    #[arg(long, default_value_t = 5_000)]
+    conversations_per_user: usize,
 }
 
 impl Default for ServeArgs {
@@ -251,6 +254,7 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
         kv_budget_mb,
         messages_per_minute,
         concurrent_generations,
+        conversations_per_user,
     } = serve;
     fetch_if_default(&args.model)?;
     let placement = args.device.resolve()?;
@@ -280,6 +284,7 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
     let limits = smolchat::server::Limits {
         messages_per_minute,
         concurrent_generations,
+        conversations_per_user,
         ..Default::default()
     };
     let config = smolchat::server::ServerConfig {

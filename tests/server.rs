@@ -24,8 +24,12 @@ fn engine() -> Arc<Engine> {
         .clone()
 }
 
+fn data_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("smolchat-server-{}-{name}", std::process::id()))
+}
+
 async fn server(name: &str, scheduler: SchedulerConfig, limits: Limits) -> RunningServer {
-    let dir = std::env::temp_dir().join(format!("smolchat-server-{}-{name}", std::process::id()));
+    let dir = data_dir(name);
     let _ = std::fs::remove_dir_all(&dir);
     smolchat::server::start(ServerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
@@ -950,4 +954,78 @@ async fn reply_to(ws: &mut Ws, rid: &str) -> String {
             return v["code"].as_str().unwrap_or("ok").to_owned();
         }
     }
+}
+
+/// Rows of `table` in a server's database file, counted by SQLite itself.
+async fn rows(name: &str, table: &str) -> i64 {
+    let url = format!(
+        "sqlite://{}?mode=ro",
+        data_dir(name).join("smolchat.db").display()
+    );
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_views_store_nothing_and_a_user_keeps_at_most_so_many_conversations() {
+    let srv = server(
+        "visitors",
+        SchedulerConfig::cpu(),
+        Limits {
+            conversations_per_user: 2,
+            ..limits()
+        },
+    )
+    .await;
+    // A crawler: fifty page views, fifty cookies, no rows.
+    let mut cookies = Vec::new();
+    for _ in 0..50 {
+        cookies.push(visitor(srv.addr).await);
+    }
+    let cookie = cookies.pop().unwrap();
+    assert_eq!(rows("visitors", "users").await, 0);
+    assert_eq!(rows("visitors", "login_sessions").await, 0);
+    // The visitor is someone all the same: the socket greets them, the list is theirs (empty).
+    let mut ws = connect(srv.addr, &cookie).await;
+    let http = reqwest::Client::new();
+    let api = format!("http://{}/api/conversations", srv.addr);
+    let listed = get_json(&http, &api, &cookie).await;
+    assert_eq!(listed["conversations"], json!([]), "{listed}");
+    assert_eq!(rows("visitors", "users").await, 0);
+    // The first conversation stores the user.
+    create(&mut ws, 8).await;
+    assert_eq!(rows("visitors", "users").await, 1);
+    let post = || {
+        http.post(&api)
+            .header("cookie", &cookie)
+            .header("origin", format!("http://{}", srv.addr))
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), 201);
+    let refused = post().await.unwrap();
+    assert_eq!(refused.status(), 409);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_conversations", "{body}");
+    send(&mut ws, json!({"type":"create","request_id":"c3"})).await;
+    let v = until(&mut ws, "error").await;
+    assert_eq!(v["code"], "too_many_conversations", "{v}");
+    assert_eq!(v["request_id"], "c3", "{v}");
+    assert_eq!(rows("visitors", "conversations").await, 2);
+    // A cookie with someone else's id under this visitor's signature is nobody.
+    let (prefix, sig) = cookie.rsplit_once('.').unwrap();
+    let (name, _) = prefix.split_once("=v1.").unwrap();
+    let forged = format!("{name}=v1.{}.{sig}", smolchat::store::UserId::new());
+    let r = http
+        .get(&api)
+        .header("cookie", &forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    srv.shutdown().await;
 }

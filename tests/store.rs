@@ -309,3 +309,97 @@ async fn a_title_made_from_a_long_first_message_can_be_given_again() {
     store.update_conversation(u, c.id, &patch).await.unwrap();
     assert_eq!(store.conversation(u, c.id).await.unwrap().title, title);
 }
+
+/// Users in the database file, counted by SQLite itself.
+async fn users_in(path: &std::path::Path) -> i64 {
+    let url = format!("sqlite://{}?mode=ro", path.display());
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT COUNT(*) FROM users")
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_visitor_is_stored_with_their_first_conversation_and_their_token_cannot_be_forged() {
+    let path = db_path("visitor");
+    let store = Store::open(&path).await.unwrap().with_max_conversations(2);
+    let (alice, token) = store.new_visitor();
+    let (bob, bobs) = store.new_visitor();
+    assert_ne!(alice, bob);
+    assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
+    assert_eq!(users_in(&path).await, 0, "a visitor alone stores nothing");
+    assert!(store.list_conversations(alice).await.unwrap().is_empty());
+
+    // Tokens that are not the server's: another id under Alice's signature, Bob's id under
+    // Alice's, one changed digit, a cut signature, no signature, not hex, a doubled dot.
+    let (prefix, sig) = token.rsplit_once('.').unwrap();
+    let (_, bob_sig) = bobs.rsplit_once('.').unwrap();
+    let flipped = format!(
+        "{prefix}.{}{}",
+        if sig.starts_with('0') { '1' } else { '0' },
+        &sig[1..]
+    );
+    let forged = [
+        format!("v1.{}.{sig}", smolchat::store::UserId::new()),
+        format!("v1.{bob}.{sig}"),
+        format!("v1.{alice}.{bob_sig}"),
+        flipped,
+        format!("{prefix}.{}", &sig[..32]),
+        format!("{prefix}."),
+        prefix.to_owned(),
+        format!("{prefix}.{}", "zz".repeat(32)),
+        format!("{prefix}..{sig}"),
+        "v1.".to_owned(),
+    ];
+    for f in &forged {
+        assert_eq!(store.user_for_token(f).await.unwrap(), None, "{f}");
+    }
+
+    let first = store
+        .create_conversation(alice, "one", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        users_in(&path).await,
+        1,
+        "stored with the first conversation"
+    );
+    store
+        .create_conversation(alice, "two", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    let third = store
+        .create_conversation(alice, "three", "", &Settings::default(), false)
+        .await;
+    assert!(
+        matches!(third, Err(StoreError::TooManyConversations(2))),
+        "{third:?}"
+    );
+    assert_eq!(store.list_conversations(alice).await.unwrap().len(), 2);
+    // The limit is per user; deleting one makes room again.
+    store
+        .create_conversation(bob, "", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    store.delete_conversation(alice, first.id).await.unwrap();
+    store
+        .create_conversation(alice, "three", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    assert_eq!(users_in(&path).await, 2);
+    drop(store);
+
+    // The key is kept: after a restart the same token is the same user, and forgeries stay out.
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
+    assert_eq!(store.list_conversations(alice).await.unwrap().len(), 2);
+    for f in &forged {
+        assert_eq!(store.user_for_token(f).await.unwrap(), None, "{f}");
+    }
+    // Another database has another key: Alice's token means nothing there.
+    let other = Store::open(&db_path("visitor-other")).await.unwrap();
+    assert_eq!(other.user_for_token(&token).await.unwrap(), None);
+}

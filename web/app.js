@@ -60,6 +60,7 @@ const friendly = {
   already_generating: "An answer is still being written here; stop it or wait.",
   message_too_long: "That message is too long.",
   not_found: "This conversation does not exist (any more).",
+  too_many_conversations: "You have as many conversations as this server keeps per person: delete one to start another.",
 };
 
 function handle(ev) {

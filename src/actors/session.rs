@@ -62,6 +62,9 @@ impl From<StoreError> for SessionError {
         match e {
             StoreError::NotFound => SessionError::NotFound,
             StoreError::Invalid(m) => SessionError::Invalid { message: m },
+            e @ StoreError::TooManyConversations(_) => SessionError::Invalid {
+                message: e.to_string(),
+            },
             StoreError::Db(e) => SessionError::Internal {
                 message: format!("storage: {e}"),
             },

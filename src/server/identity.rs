@@ -39,7 +39,8 @@ pub async fn user(state: &AppState, headers: &HeaderMap) -> Result<Option<UserId
     }
 }
 
-/// The user, or a new anonymous one with the `Set-Cookie` value that identifies them.
+/// The user, or a new visitor with the `Set-Cookie` value that identifies them (the visitor is
+/// stored only once they store something).
 pub async fn user_or_new(
     state: &AppState,
     headers: &HeaderMap,
@@ -47,8 +48,7 @@ pub async fn user_or_new(
     if let Some(u) = user(state, headers).await? {
         return Ok((u, None));
     }
-    let u = state.store.create_user().await?;
-    let t = state.store.create_login(u).await?;
+    let (u, t) = state.store.new_visitor();
     let cookie = format!("{COOKIE_NAME}={t}; HttpOnly; SameSite=Lax; Path=/; Max-Age=31536000");
     Ok((u, Some(cookie)))
 }

@@ -2,14 +2,17 @@
 //! Prometheus metrics. It speaks to actors and the store, never to the engine directly.
 
 mod identity;
+mod limits;
 mod rest;
 mod ws;
 
-use std::collections::{HashMap, VecDeque};
+pub use limits::Limits;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use axum::routing::get;
@@ -22,44 +25,7 @@ use crate::actors::registry::{RegistryArgs, RegistryMsg, SessionRegistry};
 use crate::actors::{ModelActor, ModelMsg, SchedulerConfig};
 use crate::engine::Engine;
 use crate::store::{ConversationId, Store, UserId};
-
-/// Per-user limits; each has its own error code.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest WebSocket frame or message (bytes); larger closes the socket with 1009.
-    pub max_frame_bytes: usize,
-    /// Longest chat message, in characters (`message_too_long`).
-    pub max_message_chars: usize,
-    /// Messages that start a generation, per user per minute (`rate_limited`).
-    pub messages_per_minute: usize,
-    /// Conversations generating at once, per user (`too_many_generations`).
-    pub concurrent_generations: usize,
-    /// Open sockets per user (HTTP 429 at the upgrade).
-    pub sockets_per_user: usize,
-    /// Conversations one socket follows at once (`too_many_subscriptions`; the page follows
-    /// one, closing it when it opens another).
-    pub subscriptions_per_socket: usize,
-    /// Bad frames (invalid JSON, unknown types, …) before the socket is closed with 1008.
-    pub max_bad_frames: usize,
-    /// How long a frame may wait for a client that does not read before the socket is dropped
-    /// (its conversations are left as they are; their answers go on and are stored).
-    pub write_timeout: std::time::Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_frame_bytes: 256 * 1024,
-            max_message_chars: 16_000,
-            messages_per_minute: 20,
-            concurrent_generations: 2,
-            sockets_per_user: 8,
-            subscriptions_per_socket: 16,
-            max_bad_frames: 10,
-            write_timeout: std::time::Duration::from_secs(30),
-        }
-    }
-}
+use limits::SendLog;
 
 /// A conversation counted against `concurrent_generations`.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -90,7 +56,7 @@ pub(crate) struct AppState {
     allowed_origins: Vec<String>,
     metrics: PrometheusHandle,
     sockets: Mutex<HashMap<UserId, usize>>,
-    sends: Mutex<HashMap<UserId, VecDeque<Instant>>>,
+    sends: Mutex<SendLog>,
     /// Per user, the conversations generating, or about to.
     generating: Mutex<HashMap<UserId, HashMap<ConversationId, Generating>>>,
     shutdown: watch::Receiver<bool>,
@@ -149,7 +115,9 @@ impl RunningServer {
 /// Opens the store, starts the actors and serves on `config.addr` until `shutdown`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     std::fs::create_dir_all(&config.data_dir)?;
-    let store = Store::open(&config.data_dir.join("smolchat.db")).await?;
+    let store = Store::open(&config.data_dir.join("smolchat.db"))
+        .await?
+        .with_max_conversations(config.limits.conversations_per_user);
     let (model, _) = Actor::spawn(
         None,
         ModelActor,
@@ -172,7 +140,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         allowed_origins: config.allowed_origins,
         metrics: metrics_handle(),
         sockets: Mutex::new(HashMap::new()),
-        sends: Mutex::new(HashMap::new()),
+        sends: Mutex::new(SendLog::default()),
         generating: Mutex::new(HashMap::new()),
         shutdown: shutdown_rx.clone(),
     });

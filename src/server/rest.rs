@@ -37,6 +37,7 @@ pub(super) fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::NotFound => error(StatusCode::NOT_FOUND, code, "conversation not found"),
         StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, code, &m),
+        StoreError::TooManyConversations(_) => error(StatusCode::CONFLICT, code, &e.to_string()),
         StoreError::Db(e) => {
             tracing::error!(error = %e, "storage error");
             error(StatusCode::INTERNAL_SERVER_ERROR, code, "storage error")

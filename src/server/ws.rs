@@ -40,7 +40,10 @@ fn refusal(e: SessionError) -> Refusal {
 }
 
 fn store_refusal(e: StoreError) -> Refusal {
-    refusal(e.into())
+    match e {
+        StoreError::TooManyConversations(_) => (e.code(), e.to_string()),
+        e => refusal(e.into()),
+    }
 }
 
 pub async fn upgrade(
@@ -495,6 +498,9 @@ impl Socket {
         if !g.started && g.pending == 0 {
             set.remove(&conv); // refused, and not generating before either
         }
+        if set.is_empty() {
+            generating.remove(&self.user);
+        }
         started
     }
 
@@ -504,25 +510,13 @@ impl Socket {
     async fn admit_generation(&self, conv: ConversationId) -> Result<(), Refusal> {
         let st = &self.state;
         {
-            let mut sends = lock(&st.sends);
-            let q = sends.entry(self.user).or_default();
-            let now = Instant::now();
-            while q
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-            {
-                q.pop_front();
-            }
-            if q.len() >= st.limits.messages_per_minute {
+            let per_minute = st.limits.messages_per_minute;
+            if !lock(&st.sends).admit(self.user, Instant::now(), per_minute) {
                 return Err((
                     "rate_limited",
-                    format!(
-                        "at most {} messages a minute; wait a little",
-                        st.limits.messages_per_minute
-                    ),
+                    format!("at most {} messages a minute; wait a little", per_minute),
                 ));
             }
-            q.push_back(now);
         }
         // Which of the others that started are still generating (asked outside the lock).
         let started: Vec<ConversationId> = lock(&st.generating)

@@ -115,6 +115,19 @@ impl Store {
         let id = ConversationId::new();
         let now = now_ms();
         let mut tx = self.begin().await?;
+        // A visitor becomes a user with their first conversation.
+        sqlx::query("INSERT OR IGNORE INTO users (id, created_at) VALUES (?, ?)")
+            .bind(owner.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations WHERE owner_id = ?")
+            .bind(owner.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        if held as usize >= self.max_conversations() {
+            return Err(StoreError::TooManyConversations(self.max_conversations()));
+        }
         sqlx::query(
             "INSERT INTO conversations (id, owner_id, title, system_prompt, settings, reasoning, created_at, updated_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -16,8 +16,10 @@ mod types;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -33,6 +35,9 @@ pub enum StoreError {
     NotFound,
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The user holds as many conversations as they may.
+    #[error("at most {0} conversations per user: delete some first")]
+    TooManyConversations(usize),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -42,6 +47,7 @@ impl StoreError {
         match self {
             StoreError::NotFound => "not_found",
             StoreError::Invalid(_) => "invalid_request",
+            StoreError::TooManyConversations(_) => "too_many_conversations",
             StoreError::Db(_) => "storage_error",
         }
     }
@@ -53,12 +59,20 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_fts_skips_streaming.sql"),
+    include_str!("../../migrations/0003_server_keys.sql"),
 ];
+
+/// A visitor's token: `v1.<user id>.<HMAC-SHA256 of the id, hex>`.
+const VISITOR_PREFIX: &str = "v1.";
 
 #[derive(Clone)]
 pub struct Store {
     read: SqlitePool,
     write: SqlitePool,
+    /// Signs visitor tokens; made at the first start and kept in the database.
+    visitor_key: Arc<[u8; 32]>,
+    /// Most conversations one user may hold.
+    max_conversations: usize,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -83,11 +97,22 @@ pub(crate) fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
         .collect()
+}
+
+fn hash_token(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
 }
 
 impl Store {
@@ -109,8 +134,14 @@ impl Store {
             .max_connections(4)
             .connect_with(opts.read_only(true))
             .await?;
-        let store = Self { read, write };
+        let mut store = Self {
+            read,
+            write,
+            visitor_key: Arc::new([0; 32]),
+            max_conversations: usize::MAX,
+        };
         store.migrate().await?;
+        store.visitor_key = Arc::new(store.key("visitor").await?);
         let n = store.recover_interrupted().await?;
         if n > 0 {
             tracing::warn!(
@@ -137,6 +168,38 @@ impl Store {
         Ok(())
     }
 
+    /// The server key `name`, made (from the OS's random source) if there is none yet.
+    async fn key(&self, name: &str) -> Result<[u8; 32]> {
+        let mut fresh = [0u8; 32];
+        getrandom::fill(&mut fresh)
+            .map_err(|e| StoreError::Db(sqlx::Error::Io(std::io::Error::other(e))))?;
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT OR IGNORE INTO server_keys (name, value) VALUES (?, ?)")
+            .bind(name)
+            .bind(&fresh[..])
+            .execute(&mut *tx)
+            .await?;
+        let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM server_keys WHERE name = ?")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        value
+            .try_into()
+            .map_err(|_| StoreError::Invalid(format!("the server key {name:?} is not 32 bytes")))
+    }
+
+    /// The same store, refusing a user's conversation beyond the `n`th
+    /// ([`StoreError::TooManyConversations`]).
+    pub fn with_max_conversations(mut self, n: usize) -> Self {
+        self.max_conversations = n;
+        self
+    }
+
+    pub(crate) fn max_conversations(&self) -> usize {
+        self.max_conversations
+    }
+
     /// A write transaction that holds the write lock from its first statement.
     pub(crate) async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
@@ -158,6 +221,30 @@ impl Store {
         .rows_affected();
         tx.commit().await?;
         Ok(n)
+    }
+
+    /// A new anonymous visitor and their token. Nothing is stored: the visitor becomes a user
+    /// row when they first store something, so a page view (a crawler, a health check) costs
+    /// the database nothing. The token is the user id signed with the server's visitor key.
+    pub fn new_visitor(&self) -> (UserId, String) {
+        let user = UserId::new();
+        let id = user.to_string();
+        let mac = hex(&self.visitor_mac(&id).finalize().into_bytes());
+        (user, format!("{VISITOR_PREFIX}{id}.{mac}"))
+    }
+
+    fn visitor_mac(&self, id: &str) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.visitor_key[..])
+            .expect("HMAC takes a key of any length");
+        mac.update(id.as_bytes());
+        mac
+    }
+
+    /// The visitor a visitor token (without its prefix) names, if its signature holds.
+    fn visitor(&self, token: &str) -> Option<UserId> {
+        let (id, mac) = token.split_once('.')?;
+        self.visitor_mac(id).verify_slice(&from_hex(mac)?).ok()?;
+        id.parse().ok()
     }
 
     /// A new anonymous user.
@@ -193,10 +280,14 @@ impl Store {
         Ok(token)
     }
 
-    /// The user a token belongs to.
+    /// The user a token belongs to: a login's (looked up), or a visitor's (its signature
+    /// checked; the visitor may have stored nothing yet).
     pub async fn user_for_token(&self, token: &str) -> Result<Option<UserId>> {
         if token.is_empty() || token.len() > 256 {
             return Ok(None);
+        }
+        if let Some(visitor) = token.strip_prefix(VISITOR_PREFIX) {
+            return Ok(self.visitor(visitor));
         }
         let row = sqlx::query("SELECT user_id FROM login_sessions WHERE token_hash = ?")
             .bind(hash_token(token))
