@@ -1000,6 +1000,11 @@ async fn page_views_store_nothing_and_a_user_keeps_at_most_so_many_conversations
     // The first conversation stores the user.
     create(&mut ws, 8).await;
     assert_eq!(rows("visitors", "users").await, 1);
+    assert_eq!(
+        rows("visitors", "login_sessions").await,
+        1,
+        "the cookie is their login"
+    );
     let post = || {
         http.post(&api)
             .header("cookie", &cookie)
@@ -1017,9 +1022,10 @@ async fn page_views_store_nothing_and_a_user_keeps_at_most_so_many_conversations
     assert_eq!(v["request_id"], "c3", "{v}");
     assert_eq!(rows("visitors", "conversations").await, 2);
     // A cookie with someone else's id under this visitor's signature is nobody.
-    let (prefix, sig) = cookie.rsplit_once('.').unwrap();
-    let (name, _) = prefix.split_once("=v1.").unwrap();
-    let forged = format!("{name}=v1.{}.{sig}", smolchat::store::UserId::new());
+    let (body, sig) = cookie.rsplit_once('.').unwrap();
+    let (name, _) = body.split_once("=v1.").unwrap();
+    let nonce = body.rsplit_once('.').unwrap().1;
+    let forged = format!("{name}=v1.{}.{nonce}.{sig}", smolchat::store::UserId::new());
     let r = http
         .get(&api)
         .header("cookie", &forged)

@@ -310,16 +310,38 @@ async fn a_title_made_from_a_long_first_message_can_be_given_again() {
     assert_eq!(store.conversation(u, c.id).await.unwrap().title, title);
 }
 
-/// Users in the database file, counted by SQLite itself.
-async fn users_in(path: &std::path::Path) -> i64 {
-    let url = format!("sqlite://{}?mode=ro", path.display());
-    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    sqlx::query_scalar("SELECT COUNT(*) FROM users")
-        .fetch_one(&mut db)
+/// Rows of `table` in the database file, counted by SQLite itself.
+async fn rows_in(path: &std::path::Path, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+        .fetch_one(&mut read_only(path).await)
         .await
         .unwrap()
+}
+
+async fn read_only(path: &std::path::Path) -> sqlx::SqliteConnection {
+    let url = format!("sqlite://{}?mode=ro", path.display());
+    <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap()
+}
+
+/// A visitor token for `body` ("<user id>.<nonce>") made with the key in the database, as
+/// someone who stole a copy of it could.
+async fn made_with_the_key(path: &std::path::Path, body: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let key: Vec<u8> = sqlx::query_scalar("SELECT value FROM server_keys WHERE name = 'visitor'")
+        .fetch_one(&mut read_only(path).await)
+        .await
+        .unwrap();
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).unwrap();
+    mac.update(body.as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("v1.{body}.{sig}")
 }
 
 #[tokio::test]
@@ -330,49 +352,80 @@ async fn a_visitor_is_stored_with_their_first_conversation_and_their_token_canno
     let (bob, bobs) = store.new_visitor();
     assert_ne!(alice, bob);
     assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
-    assert_eq!(users_in(&path).await, 0, "a visitor alone stores nothing");
+    assert_eq!(
+        rows_in(&path, "users").await,
+        0,
+        "a visitor alone stores nothing"
+    );
     assert!(store.list_conversations(alice).await.unwrap().is_empty());
 
     // Tokens that are not the server's: another id under Alice's signature, Bob's id under
-    // Alice's, one changed digit, a cut signature, no signature, not hex, a doubled dot.
-    let (prefix, sig) = token.rsplit_once('.').unwrap();
+    // Alice's, Alice's under Bob's, one changed digit, a cut signature, none, not hex, a
+    // doubled dot, a prefix alone.
+    let (body, sig) = token.rsplit_once('.').unwrap();
+    let nonce = body.rsplit_once('.').unwrap().1;
     let (_, bob_sig) = bobs.rsplit_once('.').unwrap();
     let flipped = format!(
-        "{prefix}.{}{}",
+        "{body}.{}{}",
         if sig.starts_with('0') { '1' } else { '0' },
         &sig[1..]
     );
     let forged = [
-        format!("v1.{}.{sig}", smolchat::store::UserId::new()),
-        format!("v1.{bob}.{sig}"),
-        format!("v1.{alice}.{bob_sig}"),
+        format!("v1.{}.{nonce}.{sig}", smolchat::store::UserId::new()),
+        format!("v1.{bob}.{nonce}.{sig}"),
+        format!("{body}.{bob_sig}"),
         flipped,
-        format!("{prefix}.{}", &sig[..32]),
-        format!("{prefix}."),
-        prefix.to_owned(),
-        format!("{prefix}.{}", "zz".repeat(32)),
-        format!("{prefix}..{sig}"),
+        format!("{body}.{}", &sig[..32]),
+        body.to_owned(),
+        format!("{body}.{}", "zz".repeat(32)),
+        format!("{body}..{sig}"),
         "v1.".to_owned(),
     ];
     for f in &forged {
         assert_eq!(store.user_for_token(f).await.unwrap(), None, "{f}");
     }
 
+    // Refused conversations store no one: one with a bad title, one for a visitor whose token
+    // does not come along (no such user yet).
+    let bad = store
+        .create_conversation_for(Some(&token), alice, "a\0b", "", &Settings::default(), false)
+        .await;
+    assert!(matches!(bad, Err(StoreError::Invalid(_))), "{bad:?}");
+    let tokenless = store
+        .create_conversation(alice, "", "", &Settings::default(), false)
+        .await;
+    assert!(tokenless.is_err(), "{tokenless:?}");
+    assert_eq!(rows_in(&path, "users").await, 0);
+
     let first = store
-        .create_conversation(alice, "one", "", &Settings::default(), false)
+        .create_conversation_for(Some(&token), alice, "one", "", &Settings::default(), false)
         .await
         .unwrap();
     assert_eq!(
-        users_in(&path).await,
+        rows_in(&path, "users").await,
         1,
         "stored with the first conversation"
     );
+    assert_eq!(rows_in(&path, "login_sessions").await, 1);
+    assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
+    // A stolen key makes tokens, but for a stored user only their own login counts.
+    let other_nonce = format!("{alice}.{}", "ab".repeat(16));
+    let made = made_with_the_key(&path, &other_nonce).await;
+    assert_eq!(store.user_for_token(&made).await.unwrap(), None);
     store
-        .create_conversation(alice, "two", "", &Settings::default(), false)
+        .create_conversation_for(Some(&token), alice, "two", "", &Settings::default(), false)
         .await
         .unwrap();
+    assert_eq!(rows_in(&path, "login_sessions").await, 1, "stored once");
     let third = store
-        .create_conversation(alice, "three", "", &Settings::default(), false)
+        .create_conversation_for(
+            Some(&token),
+            alice,
+            "three",
+            "",
+            &Settings::default(),
+            false,
+        )
         .await;
     assert!(
         matches!(third, Err(StoreError::TooManyConversations(2))),
@@ -381,7 +434,7 @@ async fn a_visitor_is_stored_with_their_first_conversation_and_their_token_canno
     assert_eq!(store.list_conversations(alice).await.unwrap().len(), 2);
     // The limit is per user; deleting one makes room again.
     store
-        .create_conversation(bob, "", "", &Settings::default(), false)
+        .create_conversation_for(Some(&bobs), bob, "", "", &Settings::default(), false)
         .await
         .unwrap();
     store.delete_conversation(alice, first.id).await.unwrap();
@@ -389,14 +442,14 @@ async fn a_visitor_is_stored_with_their_first_conversation_and_their_token_canno
         .create_conversation(alice, "three", "", &Settings::default(), false)
         .await
         .unwrap();
-    assert_eq!(users_in(&path).await, 2);
+    assert_eq!(rows_in(&path, "users").await, 2);
     drop(store);
 
     // The key is kept: after a restart the same token is the same user, and forgeries stay out.
     let store = Store::open(&path).await.unwrap();
     assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
     assert_eq!(store.list_conversations(alice).await.unwrap().len(), 2);
-    for f in &forged {
+    for f in forged.iter().chain([&made]) {
         assert_eq!(store.user_for_token(f).await.unwrap(), None, "{f}");
     }
     // Another database has another key: Alice's token means nothing there.

@@ -11,7 +11,7 @@ pub const COOKIE_NAME: &str = "smolchat_token";
 
 /// The token a request carries: a bearer token first, else the cookie (an `Authorization`
 /// header of another scheme, as a proxy's basic auth, leaves the cookie to speak).
-fn token(headers: &HeaderMap) -> Option<String> {
+pub fn token(headers: &HeaderMap) -> Option<String> {
     let bearer = headers
         .get_all(AUTHORIZATION)
         .iter()

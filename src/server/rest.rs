@@ -222,7 +222,8 @@ pub async fn create(
     };
     match state
         .store
-        .create_conversation(
+        .create_conversation_for(
+            identity::token(&headers).as_deref(),
             user,
             &new.title,
             &new.system_prompt,

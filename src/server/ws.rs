@@ -77,11 +77,12 @@ pub async fn upgrade(
         );
     };
     let limit = state.limits.max_frame_bytes;
+    let token = identity::token(&headers);
     ws.max_frame_size(limit)
         .max_message_size(limit)
         .on_upgrade(move |socket| async move {
             metrics::gauge!("smolchat_ws_connections").increment(1.0);
-            run(state.clone(), user, socket).await;
+            run(state.clone(), user, token, socket).await;
             metrics::gauge!("smolchat_ws_connections").decrement(1.0);
             drop(slot);
         })
@@ -126,6 +127,9 @@ impl Drop for SocketSlot {
 struct Socket {
     state: Arc<AppState>,
     user: UserId,
+    /// The token the socket was opened with (a visitor's is stored with their first
+    /// conversation).
+    token: Option<String>,
     out: mpsc::Sender<Outgoing>,
     subscriptions: HashMap<
         ConversationId,
@@ -137,7 +141,7 @@ struct Socket {
     >,
 }
 
-async fn run(state: Arc<AppState>, user: UserId, socket: WebSocket) {
+async fn run(state: Arc<AppState>, user: UserId, token: Option<String>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<Outgoing>(OUTBOX);
     let write_timeout = state.limits.write_timeout;
@@ -171,6 +175,7 @@ async fn run(state: Arc<AppState>, user: UserId, socket: WebSocket) {
     let mut s = Socket {
         state: state.clone(),
         user,
+        token,
         out,
         subscriptions: HashMap::new(),
     };
@@ -296,7 +301,8 @@ impl Socket {
             } => {
                 let c = st
                     .store
-                    .create_conversation(
+                    .create_conversation_for(
+                        self.token.as_deref(),
                         self.user,
                         title.as_deref().unwrap_or(""),
                         system_prompt.as_deref().unwrap_or(""),

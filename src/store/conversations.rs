@@ -109,18 +109,31 @@ impl Store {
         settings: &Settings,
         reasoning: bool,
     ) -> Result<Conversation> {
+        self.create_conversation_for(None, owner, title, system_prompt, settings, reasoning)
+            .await
+    }
+
+    /// [`Self::create_conversation`] for an owner who called with `token`: a visitor not
+    /// stored yet is stored with it (see [`Store::new_visitor`]), in the same transaction, so
+    /// a refused conversation stores nothing.
+    pub async fn create_conversation_for(
+        &self,
+        token: Option<&str>,
+        owner: UserId,
+        title: &str,
+        system_prompt: &str,
+        settings: &Settings,
+        reasoning: bool,
+    ) -> Result<Conversation> {
         check_text("the title", title, MAX_TITLE)?;
         check_text("the system prompt", system_prompt, MAX_SYSTEM_PROMPT)?;
         settings.validate().map_err(StoreError::Invalid)?;
         let id = ConversationId::new();
         let now = now_ms();
         let mut tx = self.begin().await?;
-        // A visitor becomes a user with their first conversation.
-        sqlx::query("INSERT OR IGNORE INTO users (id, created_at) VALUES (?, ?)")
-            .bind(owner.to_string())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        if let Some(t) = token {
+            self.store_visitor(&mut tx, t).await?;
+        }
         let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations WHERE owner_id = ?")
             .bind(owner.to_string())
             .fetch_one(&mut *tx)

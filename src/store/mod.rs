@@ -62,7 +62,9 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_server_keys.sql"),
 ];
 
-/// A visitor's token: `v1.<user id>.<HMAC-SHA256 of the id, hex>`.
+/// A visitor's token: `v1.<user id>.<nonce>.<HMAC-SHA256 of "<user id>.<nonce>">` (the nonce
+/// and the MAC in hex). The nonce makes each token one of a kind, so that its hash can be the
+/// stored visitor's login: the key alone cannot make a token for a stored user.
 const VISITOR_PREFIX: &str = "v1.";
 
 #[derive(Clone)]
@@ -224,13 +226,14 @@ impl Store {
     }
 
     /// A new anonymous visitor and their token. Nothing is stored: the visitor becomes a user
-    /// row when they first store something, so a page view (a crawler, a health check) costs
-    /// the database nothing. The token is the user id signed with the server's visitor key.
+    /// when they first store something ([`Self::store_visitor`]), so a page view (a crawler, a
+    /// health check) costs the database nothing. The token is the user id and a nonce, signed
+    /// with the server's visitor key.
     pub fn new_visitor(&self) -> (UserId, String) {
         let user = UserId::new();
-        let id = user.to_string();
-        let mac = hex(&self.visitor_mac(&id).finalize().into_bytes());
-        (user, format!("{VISITOR_PREFIX}{id}.{mac}"))
+        let body = format!("{user}.{}", uuid::Uuid::new_v4().simple());
+        let mac = hex(&self.visitor_mac(&body).finalize().into_bytes());
+        (user, format!("{VISITOR_PREFIX}{body}.{mac}"))
     }
 
     fn visitor_mac(&self, id: &str) -> Hmac<Sha256> {
@@ -240,11 +243,44 @@ impl Store {
         mac
     }
 
-    /// The visitor a visitor token (without its prefix) names, if its signature holds.
+    /// The visitor a visitor token names, if its signature holds.
     fn visitor(&self, token: &str) -> Option<UserId> {
-        let (id, mac) = token.split_once('.')?;
-        self.visitor_mac(id).verify_slice(&from_hex(mac)?).ok()?;
+        let (body, mac) = token.strip_prefix(VISITOR_PREFIX)?.rsplit_once('.')?;
+        self.visitor_mac(body).verify_slice(&from_hex(mac)?).ok()?;
+        let (id, nonce) = body.split_once('.')?;
+        from_hex(nonce).filter(|n| n.len() == 16)?;
         id.parse().ok()
+    }
+
+    /// Stores the visitor that `token` names as a user whose login is this token, so that they
+    /// can own conversations. Nothing happens for any other token, or for a visitor stored
+    /// already (by this token: the first to store an id is its only login).
+    pub(crate) async fn store_visitor(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        token: &str,
+    ) -> Result<()> {
+        let Some(user) = self.visitor(token) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let created = sqlx::query("INSERT OR IGNORE INTO users (id, created_at) VALUES (?, ?)")
+            .bind(user.to_string())
+            .bind(now)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if created {
+            sqlx::query("INSERT INTO login_sessions (token_hash, user_id, created_at, last_seen_at) VALUES (?, ?, ?, ?)")
+                .bind(hash_token(token))
+                .bind(user.to_string())
+                .bind(now)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
 
     /// A new anonymous user.
@@ -280,19 +316,27 @@ impl Store {
         Ok(token)
     }
 
-    /// The user a token belongs to: a login's (looked up), or a visitor's (its signature
-    /// checked; the visitor may have stored nothing yet).
+    /// The user a token belongs to: a login's (looked up), or that of a visitor not stored yet
+    /// (the signature checked). A signed token for a stored user that is not their login is
+    /// nobody's: only someone holding the key could have made it.
     pub async fn user_for_token(&self, token: &str) -> Result<Option<UserId>> {
         if token.is_empty() || token.len() > 256 {
             return Ok(None);
-        }
-        if let Some(visitor) = token.strip_prefix(VISITOR_PREFIX) {
-            return Ok(self.visitor(visitor));
         }
         let row = sqlx::query("SELECT user_id FROM login_sessions WHERE token_hash = ?")
             .bind(hash_token(token))
             .fetch_optional(&self.read)
             .await?;
-        Ok(row.and_then(|r| r.get::<String, _>(0).parse().ok()))
+        if let Some(row) = row {
+            return Ok(row.get::<String, _>(0).parse().ok());
+        }
+        let Some(visitor) = self.visitor(token) else {
+            return Ok(None);
+        };
+        let stored: bool = sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM users WHERE id = ?)")
+            .bind(visitor.to_string())
+            .fetch_one(&self.read)
+            .await?;
+        Ok((!stored).then_some(visitor))
     }
 }
