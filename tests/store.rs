@@ -386,7 +386,7 @@ async fn a_visitor_is_stored_with_their_first_conversation_and_their_token_canno
     }
 
     // Refused conversations store no one: one with a bad title, one for a visitor whose token
-    // does not come along (no such user yet).
+    // does not come along (no such user yet), one with another visitor's token.
     let bad = store
         .create_conversation_for(Some(&token), alice, "a\0b", "", &Settings::default(), false)
         .await;
@@ -395,6 +395,10 @@ async fn a_visitor_is_stored_with_their_first_conversation_and_their_token_canno
         .create_conversation(alice, "", "", &Settings::default(), false)
         .await;
     assert!(tokenless.is_err(), "{tokenless:?}");
+    let with_bobs = store
+        .create_conversation_for(Some(&bobs), alice, "", "", &Settings::default(), false)
+        .await;
+    assert!(with_bobs.is_err(), "{with_bobs:?}");
     assert_eq!(rows_in(&path, "users").await, 0);
 
     let first = store

@@ -132,7 +132,7 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin().await?;
         if let Some(t) = token {
-            self.store_visitor(&mut tx, t).await?;
+            self.store_visitor(&mut tx, t, owner).await?;
         }
         let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations WHERE owner_id = ?")
             .bind(owner.to_string())

@@ -226,7 +226,7 @@ impl Store {
     }
 
     /// A new anonymous visitor and their token. Nothing is stored: the visitor becomes a user
-    /// when they first store something ([`Self::store_visitor`]), so a page view (a crawler, a
+    /// with their first conversation ([`Self::create_conversation_for`]), so a page view (a crawler, a
     /// health check) costs the database nothing. The token is the user id and a nonce, signed
     /// with the server's visitor key.
     pub fn new_visitor(&self) -> (UserId, String) {
@@ -236,10 +236,10 @@ impl Store {
         (user, format!("{VISITOR_PREFIX}{body}.{mac}"))
     }
 
-    fn visitor_mac(&self, id: &str) -> Hmac<Sha256> {
+    fn visitor_mac(&self, body: &str) -> Hmac<Sha256> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.visitor_key[..])
             .expect("HMAC takes a key of any length");
-        mac.update(id.as_bytes());
+        mac.update(body.as_bytes());
         mac
     }
 
@@ -252,15 +252,16 @@ impl Store {
         id.parse().ok()
     }
 
-    /// Stores the visitor that `token` names as a user whose login is this token, so that they
-    /// can own conversations. Nothing happens for any other token, or for a visitor stored
-    /// already (by this token: the first to store an id is its only login).
+    /// Stores `owner`, when `token` is their visitor token, as a user whose login is this
+    /// token, so that they can own conversations. Nothing happens for any other token, or for
+    /// a visitor stored already (by this token: the first to store an id is its only login).
     pub(crate) async fn store_visitor(
         &self,
         tx: &mut Transaction<'static, Sqlite>,
         token: &str,
+        owner: UserId,
     ) -> Result<()> {
-        let Some(user) = self.visitor(token) else {
+        let Some(user) = self.visitor(token).filter(|v| *v == owner) else {
             return Ok(());
         };
         let now = now_ms();
