@@ -956,19 +956,9 @@ async fn reply_to(ws: &mut Ws, rid: &str) -> String {
     }
 }
 
-/// Rows of `table` in a server's database file, counted by SQLite itself.
+/// Rows of `table` in a server's database file.
 async fn rows(name: &str, table: &str) -> i64 {
-    let url = format!(
-        "sqlite://{}?mode=ro",
-        data_dir(name).join("smolchat.db").display()
-    );
-    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-        .fetch_one(&mut db)
-        .await
-        .unwrap()
+    common::rows_in(&data_dir(name).join("smolchat.db"), table).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

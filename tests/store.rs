@@ -1,7 +1,11 @@
 //! The store on a real SQLite file: branches, recovery, search, and that no user can read or
 //! change another's conversation through any store function.
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::{read_only, rows_in};
 
 use smolchat::store::{
     ConversationPatch, MessageOutcome, MessageStatus, Role, Settings, Store, StoreError,
@@ -308,21 +312,6 @@ async fn a_title_made_from_a_long_first_message_can_be_given_again() {
     };
     store.update_conversation(u, c.id, &patch).await.unwrap();
     assert_eq!(store.conversation(u, c.id).await.unwrap().title, title);
-}
-
-/// Rows of `table` in the database file, counted by SQLite itself.
-async fn rows_in(path: &std::path::Path, table: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-        .fetch_one(&mut read_only(path).await)
-        .await
-        .unwrap()
-}
-
-async fn read_only(path: &std::path::Path) -> sqlx::SqliteConnection {
-    let url = format!("sqlite://{}?mode=ro", path.display());
-    <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap()
 }
 
 /// A visitor token for `body` ("<user id>.<nonce>") made with the key in the database, as

@@ -40,6 +40,8 @@ pub enum SessionError {
     ContextOverflow { needed: usize, context: usize },
     #[error("{message}")]
     Invalid { message: String },
+    #[error("at most {limit} conversations per user: delete some first")]
+    TooManyConversations { limit: usize },
     #[error("{message}")]
     Internal { message: String },
 }
@@ -52,6 +54,7 @@ impl SessionError {
             SessionError::Busy { .. } => "busy",
             SessionError::ContextOverflow { .. } => "context_overflow",
             SessionError::Invalid { .. } => "invalid_request",
+            SessionError::TooManyConversations { .. } => "too_many_conversations",
             SessionError::Internal { .. } => "internal_error",
         }
     }
@@ -62,9 +65,7 @@ impl From<StoreError> for SessionError {
         match e {
             StoreError::NotFound => SessionError::NotFound,
             StoreError::Invalid(m) => SessionError::Invalid { message: m },
-            e @ StoreError::TooManyConversations(_) => SessionError::Invalid {
-                message: e.to_string(),
-            },
+            StoreError::TooManyConversations(limit) => SessionError::TooManyConversations { limit },
             StoreError::Db(e) => SessionError::Internal {
                 message: format!("storage: {e}"),
             },

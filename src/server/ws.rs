@@ -40,10 +40,7 @@ fn refusal(e: SessionError) -> Refusal {
 }
 
 fn store_refusal(e: StoreError) -> Refusal {
-    match e {
-        StoreError::TooManyConversations(_) => (e.code(), e.to_string()),
-        e => refusal(e.into()),
-    }
+    refusal(e.into())
 }
 
 pub async fn upgrade(
@@ -520,7 +517,7 @@ impl Socket {
             if !lock(&st.sends).admit(self.user, Instant::now(), per_minute) {
                 return Err((
                     "rate_limited",
-                    format!("at most {} messages a minute; wait a little", per_minute),
+                    format!("at most {per_minute} messages a minute; wait a little"),
                 ));
             }
         }

@@ -138,8 +138,8 @@ impl Store {
             .bind(owner.to_string())
             .fetch_one(&mut *tx)
             .await?;
-        if held as usize >= self.max_conversations() {
-            return Err(StoreError::TooManyConversations(self.max_conversations()));
+        if held as usize >= self.max_conversations {
+            return Err(StoreError::TooManyConversations(self.max_conversations));
         }
         sqlx::query(
             "INSERT INTO conversations (id, owner_id, title, system_prompt, settings, reasoning, created_at, updated_at) \

@@ -198,10 +198,6 @@ impl Store {
         self
     }
 
-    pub(crate) fn max_conversations(&self) -> usize {
-        self.max_conversations
-    }
-
     /// A write transaction that holds the write lock from its first statement.
     pub(crate) async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
@@ -255,7 +251,7 @@ impl Store {
     /// Stores `owner`, when `token` is their visitor token, as a user whose login is this
     /// token, so that they can own conversations. Nothing happens for any other token, or for
     /// a visitor stored already (by this token: the first to store an id is its only login).
-    pub(crate) async fn store_visitor(
+    async fn store_visitor(
         &self,
         tx: &mut Transaction<'static, Sqlite>,
         token: &str,

@@ -54,3 +54,19 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// A read-only connection to the SQLite file at `path`, beside the store's own.
+pub async fn read_only(path: &std::path::Path) -> sqlx::SqliteConnection {
+    let url = format!("sqlite://{}?mode=ro", path.display());
+    <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap()
+}
+
+/// Rows of `table` in the SQLite file at `path`, counted by SQLite itself.
+pub async fn rows_in(path: &std::path::Path, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+        .fetch_one(&mut read_only(path).await)
+        .await
+        .unwrap()
+}
