@@ -93,6 +93,14 @@ struct ServeArgs {
     /// Conversations one user may keep.
     #[arg(long, default_value_t = 5_000)]
     conversations_per_user: usize,
+    /// New users stored per client address (IPv6: per /64) an hour; a visitor is stored with
+    /// their first conversation.
+    #[arg(long, default_value_t = 100)]
+    new_users_per_address_per_hour: usize,
+    /// Take the client's address from the last X-Forwarded-For entry: only behind a reverse
+    /// proxy that appends it (else every user behind the proxy shares its address).
+    #[arg(long)]
+    trust_forwarded_for: bool,
 }
 
 impl Default for ServeArgs {
@@ -255,6 +263,8 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
         messages_per_minute,
         concurrent_generations,
         conversations_per_user,
+        new_users_per_address_per_hour,
+        trust_forwarded_for,
     } = serve;
     fetch_if_default(&args.model)?;
     let placement = args.device.resolve()?;
@@ -285,6 +295,7 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
         messages_per_minute,
         concurrent_generations,
         conversations_per_user,
+        new_users_per_address_per_hour,
         ..Default::default()
     };
     let config = smolchat::server::ServerConfig {
@@ -295,6 +306,7 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
         limits,
         allowed_origins: allow_origins,
         session_idle: std::time::Duration::from_secs(300),
+        trust_forwarded_for,
     };
     Ok(config)
 }
@@ -345,6 +357,8 @@ fn run(mut args: Args) -> Result<()> {
                         ServeArgs {
                             port: 0,
                             data_dir: dir.clone(),
+                            // Every simulated user is a new one, all from loopback.
+                            new_users_per_address_per_hour: usize::MAX,
                             ..ServeArgs::default()
                         },
                     )?;

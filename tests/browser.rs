@@ -62,6 +62,7 @@ fn the_page_works_in_a_real_browser() {
             },
             allowed_origins: vec![],
             session_idle: Duration::from_secs(60),
+            trust_forwarded_for: false,
         }))
         .unwrap();
     // A conversation whose stored answer is hostile markdown, as a model might write it.

@@ -28,10 +28,10 @@ fn data_dir(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("smolchat-server-{}-{name}", std::process::id()))
 }
 
-async fn server(name: &str, scheduler: SchedulerConfig, limits: Limits) -> RunningServer {
+fn config(name: &str, scheduler: SchedulerConfig, limits: Limits) -> ServerConfig {
     let dir = data_dir(name);
     let _ = std::fs::remove_dir_all(&dir);
-    smolchat::server::start(ServerConfig {
+    ServerConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir,
         engine: engine(),
@@ -39,9 +39,14 @@ async fn server(name: &str, scheduler: SchedulerConfig, limits: Limits) -> Runni
         limits,
         allowed_origins: vec![],
         session_idle: Duration::from_secs(30),
-    })
-    .await
-    .unwrap()
+        trust_forwarded_for: false,
+    }
+}
+
+async fn server(name: &str, scheduler: SchedulerConfig, limits: Limits) -> RunningServer {
+    smolchat::server::start(config(name, scheduler, limits))
+        .await
+        .unwrap()
 }
 
 /// A browser: GET / gives it a cookie.
@@ -181,6 +186,37 @@ async fn a_chat_turn_streams_and_is_listed_by_the_api() {
     )
     .await;
     assert_eq!(found["results"][0]["conversation_id"], id.as_str());
+    // The export: the branch as a Markdown file, its title the file's name; only its owner's.
+    let export = format!("http://{}/api/conversations/{id}/export", srv.addr);
+    let r = http
+        .get(&export)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let header = |name: &str| r.headers()[name].to_str().unwrap().to_owned();
+    assert_eq!(header("content-type"), "text/markdown; charset=utf-8");
+    assert!(
+        header("content-disposition").contains("filename=\"What-is-the-capital-of-France.md\""),
+        "{}",
+        header("content-disposition")
+    );
+    let md = r.text().await.unwrap();
+    let expected = format!(
+        "# What is the capital of France?\n\n## You\n\nWhat is the capital of France?\n\n\
+         ## Assistant\n\n{}\n",
+        text.trim_end()
+    );
+    assert_eq!(md, expected);
+    let stranger = visitor(srv.addr).await;
+    let r = http
+        .get(&export)
+        .header("cookie", &stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "someone else's conversation is not there");
     srv.shutdown().await;
 }
 
@@ -1023,5 +1059,201 @@ async fn page_views_store_nothing_and_a_user_keeps_at_most_so_many_conversations
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    srv.shutdown().await;
+}
+
+/// POST /api/conversations for `cookie`, as a browser behind a proxy that wrote `forwarded`.
+async fn create_from(
+    srv: &RunningServer,
+    cookie: &str,
+    forwarded: &str,
+    body: Value,
+) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/api/conversations", srv.addr))
+        .header("cookie", cookie)
+        .header("origin", format!("http://{}", srv.addr))
+        .header("x-forwarded-for", forwarded)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_users_are_limited_per_address_an_hour() {
+    let lim = Limits {
+        new_users_per_address_per_hour: 2,
+        ..limits()
+    };
+    let srv = smolchat::server::start(ServerConfig {
+        trust_forwarded_for: true,
+        ..config("new-users", SchedulerConfig::cpu(), lim.clone())
+    })
+    .await
+    .unwrap();
+    let mut cookies = Vec::new();
+    for _ in 0..8 {
+        cookies.push(visitor(srv.addr).await);
+    }
+    let (a, b, c, d, e, f, g) = (
+        &cookies[0],
+        &cookies[1],
+        &cookies[2],
+        &cookies[3],
+        &cookies[4],
+        &cookies[5],
+        &cookies[6],
+    );
+    let one = "198.51.100.1";
+    assert_eq!(create_from(&srv, a, one, json!({})).await.0, 201);
+    assert_eq!(create_from(&srv, b, one, json!({})).await.0, 201);
+    let (status, body) = create_from(&srv, c, one, json!({})).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "too_many_new_users", "{body}");
+    assert_eq!(
+        rows("new-users", "users").await,
+        2,
+        "the third is not stored"
+    );
+    // A user stored already is not new: more conversations from the same address.
+    assert_eq!(create_from(&srv, a, one, json!({})).await.0, 201);
+    // Only the entry the proxy appended counts; the ones before it are the client's to write.
+    let (status, _) = create_from(&srv, c, &format!("{one}, 203.0.113.9"), json!({})).await;
+    assert_eq!(status, 201, "the proxy saw another address");
+    let (status, _) = create_from(&srv, d, &format!("203.0.113.9, {one}"), json!({})).await;
+    assert_eq!(status, 429, "the client wrote the other address itself");
+    // Over the socket the same: the refusal names its code and stores no one.
+    let mut req = format!("ws://{}/ws", srv.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", d.parse().unwrap());
+    req.headers_mut()
+        .insert("x-forwarded-for", one.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    until(&mut ws, "hello").await;
+    send(&mut ws, json!({"type":"create","request_id":"n1"})).await;
+    let v = until(&mut ws, "error").await;
+    assert_eq!(v["code"], "too_many_new_users", "{v}");
+    assert_eq!(v["request_id"], "n1", "{v}");
+    assert_eq!(rows("new-users", "users").await, 3);
+    // A creation refused for its own reasons gives its place back.
+    let two = "2001:db8:5:6::1";
+    let bad = json!({"settings":{"temperature":-1.0}});
+    assert_eq!(create_from(&srv, e, two, bad).await.0, 400);
+    assert_eq!(create_from(&srv, e, two, json!({})).await.0, 201);
+    // Another address in the same /64 is the same subscriber.
+    assert_eq!(
+        create_from(&srv, f, "2001:db8:5:6::2", json!({})).await.0,
+        201
+    );
+    assert_eq!(
+        create_from(&srv, g, "2001:db8:5:6:ff::3", json!({}))
+            .await
+            .0,
+        429
+    );
+    assert_eq!(rows("new-users", "users").await, 5);
+    assert_eq!(rows("new-users", "conversations").await, 6);
+    srv.shutdown().await;
+
+    // Not behind a trusted proxy, the header is anyone's to write: the peer's address counts.
+    let srv = smolchat::server::start(config("new-users-2", SchedulerConfig::cpu(), lim))
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let cookie = visitor(srv.addr).await;
+        let forwarded = format!("198.51.100.{i}");
+        statuses.push(create_from(&srv, &cookie, &forwarded, json!({})).await.0);
+    }
+    assert_eq!(statuses, [201, 201, 429]);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_signs_another_browser_in_and_its_conversations_go_on_there() {
+    let srv = server("link", SchedulerConfig::cpu(), limits()).await;
+    let http = reqwest::Client::new();
+    let origin = format!("http://{}", srv.addr);
+    let post = |path: &str, cookie: &str, body: Value| {
+        http.post(format!("http://{}{path}", srv.addr))
+            .header("cookie", cookie)
+            .header("origin", &origin)
+            .json(&body)
+            .send()
+    };
+    let alice = visitor(srv.addr).await;
+    let carol = visitor(srv.addr).await;
+    let r = post("/api/link", &alice, json!({})).await.unwrap();
+    assert_eq!(r.status(), 409, "nothing to take along yet");
+    let mut a = connect(srv.addr, &alice).await;
+    create(&mut a, 8).await;
+    // Carol chats in her browser; her conversation's session stays open for her.
+    let mut c = connect(srv.addr, &carol).await;
+    let hers = create(&mut c, 8).await;
+    send(
+        &mut c,
+        json!({"type":"send","conversation_id":hers,"content":"My colour is teal."}),
+    )
+    .await;
+    until_done(&mut c).await;
+
+    let r = post("/api/link", &alice, json!({})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let code = r.json::<Value>().await.unwrap()["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Another site cannot sign Carol's browser in (nor take her conversations).
+    let r = http
+        .post(format!("http://{}/api/link/redeem", srv.addr))
+        .header("cookie", &carol)
+        .header("origin", "http://evil.example")
+        .json(&json!({"code": code, "merge": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post("/api/link/redeem", &carol, json!({"code": code}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "would_hide_conversations", "{body}");
+    let r = post(
+        "/api/link/redeem",
+        &carol,
+        json!({"code": code, "merge": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set.contains("HttpOnly"), "{set}");
+    let linked = set.split(';').next().unwrap().to_owned();
+    assert_ne!(linked, carol);
+
+    // Alice sees both conversations, from either browser.
+    for cookie in [&alice, &linked, &carol] {
+        let list = get_json(&http, format!("{origin}/api/conversations"), cookie).await;
+        assert_eq!(list["conversations"].as_array().unwrap().len(), 2, "{list}");
+    }
+    // Carol's conversation goes on in the linked browser (its old session acted for Carol,
+    // who is no more: a new one takes over).
+    let mut l = connect(srv.addr, &linked).await;
+    send(&mut l, json!({"type":"open","conversation_id":hers})).await;
+    let snap = until(&mut l, "snapshot").await;
+    assert_eq!(snap["messages"].as_array().unwrap().len(), 2, "{snap}");
+    send(
+        &mut l,
+        json!({"type":"send","conversation_id":hers,"content":"And yours?"}),
+    )
+    .await;
+    let (_, done) = until_done(&mut l).await;
+    assert_eq!(done["status"], "complete", "{done}");
+    let one = get_json(&http, format!("{origin}/api/conversations/{hers}"), &linked).await;
+    assert_eq!(one["messages"].as_array().unwrap().len(), 4, "{one}");
     srv.shutdown().await;
 }

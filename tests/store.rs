@@ -449,3 +449,144 @@ async fn a_visitor_is_stored_with_their_first_conversation_and_their_token_canno
     let other = Store::open(&db_path("visitor-other")).await.unwrap();
     assert_eq!(other.user_for_token(&token).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_along() {
+    let path = db_path("links");
+    let store = Store::open(&path).await.unwrap().with_max_conversations(3);
+    let new_conversation = |owner| {
+        let store = store.clone();
+        async move {
+            store
+                .create_conversation(owner, "", "", &Settings::default(), false)
+                .await
+                .unwrap()
+        }
+    };
+    // A visitor who has stored nothing has nothing to take along.
+    let (visitor, _) = store.new_visitor();
+    assert!(matches!(
+        store.create_link_code(visitor).await,
+        Err(StoreError::NotFound)
+    ));
+    let alice = store.create_user().await.unwrap();
+    new_conversation(alice).await;
+    let code = store.create_link_code(alice).await.unwrap();
+    for bad in ["", "nope", &code[..63], &code.to_uppercase()] {
+        assert!(
+            matches!(
+                store.redeem_link_code(bad, None, false).await,
+                Err(StoreError::BadLinkCode)
+            ),
+            "{bad:?}"
+        );
+    }
+    // A fresh browser gets a login of Alice's own, and the code is used up.
+    let (fresh, _) = store.new_visitor();
+    let (user, token) = store
+        .redeem_link_code(&code, Some(fresh), false)
+        .await
+        .unwrap();
+    assert_eq!(user, alice);
+    assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
+    assert!(matches!(
+        store.redeem_link_code(&code, None, false).await,
+        Err(StoreError::BadLinkCode)
+    ));
+
+    // Carol's browser has a conversation, with an answer being written.
+    let carol = store.create_user().await.unwrap();
+    let carols_login = store.create_login(carol).await.unwrap();
+    let mine = new_conversation(carol).await;
+    let answer = store
+        .add_message(
+            carol,
+            mine.id,
+            None,
+            Role::Assistant,
+            "Teal",
+            MessageStatus::Streaming,
+        )
+        .await
+        .unwrap();
+    let code = store.create_link_code(alice).await.unwrap();
+    let before = (
+        rows_in(&path, "users").await,
+        rows_in(&path, "login_sessions").await,
+    );
+    // Refused, each time changing nothing and keeping the code good: it would hide Carol's
+    // conversation; an answer is being written; Alice's limit (3) would be passed.
+    assert!(matches!(
+        store.redeem_link_code(&code, Some(carol), false).await,
+        Err(StoreError::WouldHide(1))
+    ));
+    assert!(matches!(
+        store.redeem_link_code(&code, Some(carol), true).await,
+        Err(StoreError::Busy)
+    ));
+    store
+        .finish_message(
+            carol,
+            answer.id,
+            "Teal.",
+            "",
+            &MessageOutcome {
+                status: Some(MessageStatus::Complete),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let extra = new_conversation(carol).await;
+    new_conversation(carol).await;
+    assert!(matches!(
+        store.redeem_link_code(&code, Some(carol), true).await,
+        Err(StoreError::TooManyConversations(3))
+    ));
+    assert_eq!(
+        (
+            rows_in(&path, "users").await,
+            rows_in(&path, "login_sessions").await,
+        ),
+        before
+    );
+    assert_eq!(store.list_conversations(carol).await.unwrap().len(), 3);
+    store.delete_conversation(carol, extra.id).await.unwrap();
+
+    // Merged: Carol's conversations and logins are Alice's, and Carol is no more.
+    let (user, _) = store
+        .redeem_link_code(&code, Some(carol), true)
+        .await
+        .unwrap();
+    assert_eq!(user, alice);
+    assert_eq!(store.list_conversations(alice).await.unwrap().len(), 3);
+    assert_eq!(
+        store.conversation(alice, mine.id).await.unwrap().id,
+        mine.id
+    );
+    assert!(matches!(
+        store.conversation(carol, mine.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store.user_for_token(&carols_login).await.unwrap(),
+        Some(alice)
+    );
+    assert_eq!(rows_in(&path, "users").await, 1);
+
+    // A code ten minutes old is no code.
+    let code = store.create_link_code(alice).await.unwrap();
+    let url = format!("sqlite://{}", path.display());
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE link_codes SET expires_at = expires_at - ?")
+        .bind(smolchat::store::LINK_CODE_TTL_MS)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.redeem_link_code(&code, None, false).await,
+        Err(StoreError::BadLinkCode)
+    ));
+}

@@ -5,6 +5,9 @@ import { marked } from "/vendor/marked.esm.js";
 import DOMPurify from "/vendor/purify.es.mjs";
 
 const $ = (id) => document.getElementById(id);
+// A sign-in link made on another device (#link=CODE) is taken out of the address at once.
+const linkCode = location.hash.startsWith("#link=") ? decodeURIComponent(location.hash.slice(6)) : null;
+if (linkCode) history.replaceState(null, "", location.pathname);
 const state = {
   ws: null,
   backoff: 500,
@@ -23,6 +26,12 @@ function notice(text, isError = false) {
   n.hidden = !text;
   n.textContent = text || "";
   n.classList.toggle("error", isError);
+}
+
+// The message of an error response, or its text.
+async function errorMessage(r) {
+  const text = await r.text();
+  try { return JSON.parse(text).message || text; } catch { return text; }
 }
 
 function send(msg) {
@@ -61,6 +70,7 @@ const friendly = {
   message_too_long: "That message is too long.",
   not_found: "This conversation does not exist (any more).",
   too_many_conversations: "You have as many conversations as this server keeps per person: delete one to start another.",
+  too_many_new_users: "Too many new people have started chatting from your network this hour. Try again later.",
 };
 
 function handle(ev) {
@@ -390,11 +400,17 @@ $("rename").onclick = () => {
   const title = prompt("New title", $("title").textContent);
   if (title && title.trim()) send({ type: "rename", conversation_id: state.current, title: title.trim() });
 };
+// The server sends it as an attachment: the page stays where it is.
+$("export").onclick = () => {
+  if (state.current) location.href = `/api/conversations/${state.current}/export`;
+};
 $("delete").onclick = () => {
   if (state.current && confirm("Delete this conversation? This cannot be undone.")) {
     send({ type: "delete", conversation_id: state.current });
   }
 };
+// On a phone the header has no room: the settings panel carries the same buttons.
+for (const b of document.querySelectorAll("[data-for]")) b.onclick = () => $(b.dataset.for).click();
 $("settings-toggle").onclick = () => { $("settings").hidden = !$("settings").hidden; };
 $("toggle-sidebar").onclick = () => document.body.classList.toggle("show-sidebar");
 $("save-settings").onclick = async () => {
@@ -417,10 +433,7 @@ $("save-settings").onclick = async () => {
     state.conversation = await r.json();
     notice("Settings saved.");
   } else {
-    const text = await r.text();
-    let message = text;
-    try { message = JSON.parse(text).message || text; } catch {}
-    notice(message, true); // the fields keep what was typed, to be corrected
+    notice(await errorMessage(r), true); // the fields keep what was typed, to be corrected
   }
 };
 let searchTimer;
@@ -447,5 +460,54 @@ $("search").oninput = () => {
   }, 250);
 };
 
+$("link-device").onclick = async () => {
+  document.body.classList.remove("show-sidebar");
+  const r = await fetch("/api/link", { method: "POST" });
+  if (!r.ok) return notice(await errorMessage(r), true);
+  const { code, expires_in_s } = await r.json();
+  notice(`Open this link on your other device within ${Math.round(expires_in_s / 60)} minutes (it works once). `
+    + "Whoever opens it is signed in as you, so keep it to yourself.");
+  const link = document.createElement("input");
+  link.id = "link-url";
+  link.readOnly = true;
+  link.value = `${location.origin}/#link=${encodeURIComponent(code)}`;
+  const copy = document.createElement("button");
+  copy.textContent = "Copy";
+  copy.onclick = () => navigator.clipboard?.writeText(link.value).then(() => (copy.textContent = "Copied"));
+  $("notice").append(document.createElement("br"), link, copy);
+  link.select();
+};
+
+// Signs this browser in with a link from another device; a browser with conversations of its
+// own is asked first whether they go along (they would be hidden otherwise).
+async function redeemLink(code) {
+  const post = (merge) => fetch("/api/link/redeem", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ code, merge }),
+  });
+  let r = await post(false);
+  if (r.status === 409) {
+    const body = await r.clone().json().catch(() => ({}));
+    if (body.code === "would_hide_conversations") {
+      const move = confirm(`${body.message}.\n\nMove them to the account that made the link? `
+        + "Do this only with a link you made yourself: whoever made it will be able to read them.");
+      if (!move) return notice("Not signed in: this browser keeps its own conversations.");
+      r = await post(true);
+    }
+  }
+  if (r.ok) return location.replace("/");
+  notice(await errorMessage(r), true);
+}
+
+// A link pasted into the address bar of a page already open.
+window.addEventListener("hashchange", () => {
+  if (!location.hash.startsWith("#link=")) return;
+  const code = decodeURIComponent(location.hash.slice(6));
+  history.replaceState(null, "", location.pathname);
+  redeemLink(code);
+});
+
+if (linkCode) await redeemLink(linkCode);
 refreshList();
 connect();

@@ -36,7 +36,8 @@ pub struct RegistryArgs {
 
 pub struct RegistryState {
     args: RegistryArgs,
-    sessions: HashMap<ConversationId, ActorRef<SessionMsg>>,
+    /// Each running session, with the owner it acts for.
+    sessions: HashMap<ConversationId, (UserId, ActorRef<SessionMsg>)>,
 }
 
 pub struct SessionRegistry;
@@ -104,7 +105,7 @@ impl RegistryState {
         let conv = self
             .sessions
             .iter()
-            .find(|(_, a)| a.get_id() == cell.get_id())
+            .find(|(_, (_, a))| a.get_id() == cell.get_id())
             .map(|(c, _)| *c)?;
         self.sessions.remove(&conv);
         Some(conv)
@@ -119,15 +120,22 @@ impl RegistryState {
         // Ownership first: someone else's conversation is answered like a missing one
         // (`StoreError::NotFound` becomes `SessionError::NotFound`).
         self.args.store.conversation(owner, conv).await?;
-        if let Some(a) = self.sessions.get(&conv) {
+        if let Some((was_for, a)) = self.sessions.get(&conv) {
             // A session that stopped itself for idleness stays here until its termination
             // reaches us: a new one takes its place rather than handing out a stopping actor
             // (its post_stop has nothing to write, an idle session has no answer running).
-            if !matches!(
+            let stopping = matches!(
                 a.get_status(),
                 ActorStatus::Draining | ActorStatus::Stopping | ActorStatus::Stopped
-            ) {
+            );
+            if !stopping && *was_for == owner {
                 return Ok(a.clone());
+            }
+            // The conversation changed hands (a browser signed in as someone else brought it
+            // along, which the store allows only while no answer is written there): its old
+            // session, idle, would act for the old owner.
+            if !stopping {
+                a.stop(Some("the conversation changed hands".into()));
             }
             self.sessions.remove(&conv);
         }
@@ -144,7 +152,7 @@ impl RegistryState {
             .map_err(|e| SessionError::Internal {
                 message: format!("starting the session: {e}"),
             })?;
-        self.sessions.insert(conv, actor.clone());
+        self.sessions.insert(conv, (owner, actor.clone()));
         Ok(actor)
     }
 }

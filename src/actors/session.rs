@@ -66,6 +66,10 @@ impl From<StoreError> for SessionError {
             StoreError::NotFound => SessionError::NotFound,
             StoreError::Invalid(m) => SessionError::Invalid { message: m },
             StoreError::TooManyConversations(limit) => SessionError::TooManyConversations { limit },
+            StoreError::Busy => SessionError::Generating,
+            e @ (StoreError::BadLinkCode | StoreError::WouldHide(_)) => SessionError::Invalid {
+                message: e.to_string(),
+            },
             StoreError::Db(e) => SessionError::Internal {
                 message: format!("storage: {e}"),
             },

@@ -1,6 +1,8 @@
 //! Who is asking: an httpOnly cookie for browsers, `Authorization: Bearer` for programs; and
 //! whether a WebSocket upgrade comes from an allowed origin.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::http::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
 use axum::http::HeaderMap;
 
@@ -49,8 +51,12 @@ pub async fn user_or_new(
         return Ok((u, None));
     }
     let (u, t) = state.store.new_visitor();
-    let cookie = format!("{COOKIE_NAME}={t}; HttpOnly; SameSite=Lax; Path=/; Max-Age=31536000");
-    Ok((u, Some(cookie)))
+    Ok((u, Some(cookie(&t))))
+}
+
+/// The `Set-Cookie` value that makes `token` this browser's.
+pub fn cookie(token: &str) -> String {
+    format!("{COOKIE_NAME}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age=31536000")
 }
 
 /// Browsers send `Origin` on a WebSocket upgrade: it must be this server's own (same host) or
@@ -66,4 +72,23 @@ pub fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
         return false;
     };
     origin == format!("http://{host}") || origin == format!("https://{host}")
+}
+
+/// The client's address: the peer's, or behind a trusted reverse proxy the last
+/// `X-Forwarded-For` entry (the one the proxy appended; earlier ones are the client's to
+/// write). A header that does not parse leaves the peer's.
+pub fn client_address(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
+    let forwarded = || {
+        let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+        let entry = last.to_str().ok()?.rsplit(',').next()?.trim();
+        entry
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+    };
+    state
+        .trust_forwarded_for
+        .then(forwarded)
+        .flatten()
+        .unwrap_or(peer.ip())
 }

@@ -1,6 +1,7 @@
 //! The HTTP and WebSocket server (axum): the page, the socket, a small REST API, health and
 //! Prometheus metrics. It speaks to actors and the store, never to the engine directly.
 
+mod export;
 mod identity;
 mod limits;
 mod rest;
@@ -9,10 +10,10 @@ mod ws;
 pub use limits::Limits;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use axum::routing::get;
@@ -24,8 +25,8 @@ use tokio::sync::watch;
 use crate::actors::registry::{RegistryArgs, RegistryMsg, SessionRegistry};
 use crate::actors::{ModelActor, ModelMsg, SchedulerConfig};
 use crate::engine::Engine;
-use crate::store::{ConversationId, Store, UserId};
-use limits::SendLog;
+use crate::store::{Conversation, ConversationId, Settings, Store, StoreError, UserId};
+use limits::{NewUserLog, SendLog};
 
 /// A conversation counted against `concurrent_generations`.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -46,6 +47,9 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// A session with nobody watching and nothing to do stops after this long.
     pub session_idle: Duration,
+    /// Take a client's address from the last `X-Forwarded-For` entry (set only behind a
+    /// reverse proxy that appends it: anyone else could write that header).
+    pub trust_forwarded_for: bool,
 }
 
 pub(crate) struct AppState {
@@ -54,9 +58,12 @@ pub(crate) struct AppState {
     model: ActorRef<ModelMsg>,
     limits: Limits,
     allowed_origins: Vec<String>,
+    trust_forwarded_for: bool,
     metrics: PrometheusHandle,
     sockets: Mutex<HashMap<UserId, usize>>,
     sends: Mutex<SendLog>,
+    /// Users stored per client address in the last hour.
+    new_users: Mutex<NewUserLog>,
     /// Per user, the conversations generating, or about to.
     generating: Mutex<HashMap<UserId, HashMap<ConversationId, Generating>>>,
     shutdown: watch::Receiver<bool>,
@@ -64,6 +71,74 @@ pub(crate) struct AppState {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A conversation to create, as the socket and the REST API take it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewConversation {
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub system_prompt: String,
+    #[serde(default)]
+    pub settings: Settings,
+    #[serde(default)]
+    pub reasoning: bool,
+}
+
+/// Why a conversation was not created.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotCreated {
+    /// Its owner would be one more new user from an address that has stored this many in the
+    /// last hour.
+    #[error("at most {limit} new users an hour from one address; try again later")]
+    TooManyNewUsers { limit: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl NotCreated {
+    pub const TOO_MANY_NEW_USERS: &'static str = "too_many_new_users";
+}
+
+/// Creates a conversation for `user`, who called with `token` from `client`. When that stores
+/// them (a visitor's first conversation), they count against the new users of the client's
+/// address this hour, and a creation the store refuses gives its place back.
+pub(crate) async fn create_conversation(
+    state: &AppState,
+    token: Option<&str>,
+    user: UserId,
+    client: IpAddr,
+    new: &NewConversation,
+) -> Result<Conversation, NotCreated> {
+    let address = limits::address_key(client);
+    let new_user = match token {
+        Some(t) => state.store.would_store_visitor(t, user).await?,
+        None => false,
+    };
+    if new_user {
+        let limit = state.limits.new_users_per_address_per_hour;
+        if !lock(&state.new_users).admit(address, Instant::now(), limit) {
+            tracing::info!(%address, limit, "refused a new user: too many from this address this hour");
+            return Err(NotCreated::TooManyNewUsers { limit });
+        }
+    }
+    let created = state
+        .store
+        .create_conversation_for(
+            token,
+            user,
+            &new.title,
+            &new.system_prompt,
+            &new.settings,
+            new.reasoning,
+        )
+        .await;
+    if created.is_err() && new_user {
+        lock(&state.new_users).take_back(&address);
+    }
+    Ok(created?)
 }
 
 /// The process-wide Prometheus recorder (installed once).
@@ -138,9 +213,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         model: model.clone(),
         limits: config.limits,
         allowed_origins: config.allowed_origins,
+        trust_forwarded_for: config.trust_forwarded_for,
         metrics: metrics_handle(),
         sockets: Mutex::new(HashMap::new()),
-        sends: Mutex::new(SendLog::default()),
+        sends: Mutex::new(SendLog::per_minute()),
+        new_users: Mutex::new(NewUserLog::per_hour()),
         generating: Mutex::new(HashMap::new()),
         shutdown: shutdown_rx.clone(),
     });
@@ -184,6 +261,9 @@ fn router(state: Arc<AppState>) -> Router {
             "/api/conversations/{id}",
             get(rest::get_one).patch(rest::patch).delete(rest::delete),
         )
+        .route("/api/conversations/{id}/export", get(rest::export))
+        .route("/api/link", axum::routing::post(rest::create_link))
+        .route("/api/link/redeem", axum::routing::post(rest::redeem_link))
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))

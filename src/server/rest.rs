@@ -3,12 +3,13 @@
 // Handlers return a ready `Response` as their error, the axum way; its size does not matter here.
 #![allow(clippy::result_large_err)]
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,8 +17,10 @@ use ractor::call;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{identity, AppState};
-use crate::store::{ConversationId, ConversationPatch, Settings, StoreError, UserId};
+use super::{export, identity, AppState, NewConversation, NotCreated};
+use crate::store::{
+    Conversation, ConversationId, ConversationPatch, Message, StoreError, UserId, LINK_CODE_TTL_MS,
+};
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
@@ -37,7 +40,10 @@ pub(super) fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::NotFound => error(StatusCode::NOT_FOUND, code, "conversation not found"),
         StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, code, &m),
-        StoreError::TooManyConversations(_) => error(StatusCode::CONFLICT, code, &e.to_string()),
+        StoreError::TooManyConversations(_) | StoreError::Busy | StoreError::WouldHide(_) => {
+            error(StatusCode::CONFLICT, code, &e.to_string())
+        }
+        StoreError::BadLinkCode => error(StatusCode::BAD_REQUEST, code, &e.to_string()),
         StoreError::Db(e) => {
             tracing::error!(error = %e, "storage error");
             error(StatusCode::INTERNAL_SERVER_ERROR, code, "storage error")
@@ -190,21 +196,9 @@ pub async fn list(
     }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct NewConversation {
-    #[serde(default)]
-    title: String,
-    #[serde(default)]
-    system_prompt: String,
-    #[serde(default)]
-    settings: Settings,
-    #[serde(default)]
-    reasoning: bool,
-}
-
 pub async fn create(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -220,21 +214,37 @@ pub async fn create(
             Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
         }
     };
-    match state
-        .store
-        .create_conversation_for(
-            identity::token(&headers).as_deref(),
-            user,
-            &new.title,
-            &new.system_prompt,
-            &new.settings,
-            new.reasoning,
-        )
-        .await
-    {
+    let token = identity::token(&headers);
+    let client = identity::client_address(&state, &headers, peer);
+    match super::create_conversation(&state, token.as_deref(), user, client, &new).await {
         Ok(c) => (StatusCode::CREATED, Json(c)).into_response(),
-        Err(e) => store_error(e),
+        Err(NotCreated::Store(e)) => store_error(e),
+        Err(e @ NotCreated::TooManyNewUsers { .. }) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            NotCreated::TOO_MANY_NEW_USERS,
+            &e.to_string(),
+        ),
     }
+}
+
+/// The caller's conversation of the path and its shown branch.
+async fn shown(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &Result<Path<String>, PathRejection>,
+) -> Result<(Conversation, Vec<Message>), Response> {
+    let (user, id) = user_and_id(state, headers, id).await?;
+    let conversation = state
+        .store
+        .conversation(user, id)
+        .await
+        .map_err(store_error)?;
+    let messages = state
+        .store
+        .branch(user, id, None)
+        .await
+        .map_err(store_error)?;
+    Ok((conversation, messages))
 }
 
 pub async fn get_one(
@@ -242,19 +252,34 @@ pub async fn get_one(
     headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Response {
-    let (user, id) = match user_and_id(&state, &headers, &id).await {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let conversation = match state.store.conversation(user, id).await {
-        Ok(c) => c,
-        Err(e) => return store_error(e),
-    };
-    match state.store.branch(user, id, None).await {
-        Ok(messages) => {
+    match shown(&state, &headers, &id).await {
+        Ok((conversation, messages)) => {
             Json(json!({ "conversation": conversation, "messages": messages })).into_response()
         }
-        Err(e) => store_error(e),
+        Err(r) => r,
+    }
+}
+
+/// The shown branch as a Markdown file to download.
+pub async fn export(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    match shown(&state, &headers, &id).await {
+        Ok((conversation, messages)) => (
+            [
+                (CONTENT_TYPE, "text/markdown; charset=utf-8".to_owned()),
+                (
+                    CONTENT_DISPOSITION,
+                    export::content_disposition(&conversation.title),
+                ),
+                (CACHE_CONTROL, "no-store".to_owned()),
+            ],
+            export::markdown(&conversation, &messages),
+        )
+            .into_response(),
+        Err(r) => r,
     }
 }
 
@@ -289,6 +314,75 @@ pub async fn delete(
     };
     match super::ws::delete_conversation(&state, user, id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// A one-time link code that signs another browser in as the caller (ten minutes).
+pub async fn create_link(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let user = match require_writer(&state, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    match state.store.create_link_code(user).await {
+        Ok(code) => (
+            StatusCode::CREATED,
+            [(CACHE_CONTROL, "no-store")],
+            Json(json!({ "code": code, "expires_in_s": LINK_CODE_TTL_MS / 1000 })),
+        )
+            .into_response(),
+        Err(StoreError::NotFound) => error(
+            StatusCode::CONFLICT,
+            "nothing_to_link",
+            "start a conversation first: there is nothing to take to another device yet",
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Redeem {
+    code: String,
+    /// Bring this browser's own conversations along (else they would be hidden: refused).
+    #[serde(default)]
+    merge: bool,
+}
+
+/// Signs this browser in with a link code: a login of its own as the code's user.
+pub async fn redeem_link(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !identity::origin_allowed(&state, &headers) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "this origin may not sign a browser in",
+        );
+    }
+    let redeem: Redeem = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+    };
+    let current = match identity::user(&state, &headers).await {
+        Ok(u) => u,
+        Err(e) => return store_error(e),
+    };
+    match state
+        .store
+        .redeem_link_code(redeem.code.trim(), current, redeem.merge)
+        .await
+    {
+        Ok((user, token)) => {
+            tracing::info!(%user, merged = ?current.filter(|c| *c != user), "a browser signed in with a link");
+            let mut r = Json(json!({ "user_id": user })).into_response();
+            if let Ok(c) = identity::cookie(&token).parse() {
+                r.headers_mut().insert(SET_COOKIE, c);
+            }
+            r
+        }
         Err(e) => store_error(e),
     }
 }

@@ -4,11 +4,12 @@
 //! are forwarded to the writer.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
@@ -16,7 +17,7 @@ use ractor::{call, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 
 use super::rest::{error, store_error};
-use super::{identity, lock, AppState};
+use super::{create_conversation, identity, lock, AppState, NewConversation, NotCreated};
 use crate::actors::registry::RegistryMsg;
 use crate::actors::session::{SessionError, SessionMsg, SubscriberId};
 use crate::protocol::{ClientMessage, ServerEvent, PROTOCOL_VERSION};
@@ -45,6 +46,7 @@ fn store_refusal(e: StoreError) -> Refusal {
 
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -74,12 +76,16 @@ pub async fn upgrade(
         );
     };
     let limit = state.limits.max_frame_bytes;
-    let token = identity::token(&headers);
+    let caller = Caller {
+        user,
+        token: identity::token(&headers),
+        address: identity::client_address(&state, &headers, peer),
+    };
     ws.max_frame_size(limit)
         .max_message_size(limit)
         .on_upgrade(move |socket| async move {
             metrics::gauge!("smolchat_ws_connections").increment(1.0);
-            run(state.clone(), user, token, socket).await;
+            run(state.clone(), caller, socket).await;
             metrics::gauge!("smolchat_ws_connections").decrement(1.0);
             drop(slot);
         })
@@ -127,6 +133,8 @@ struct Socket {
     /// The token the socket was opened with (a visitor's is stored with their first
     /// conversation).
     token: Option<String>,
+    /// Where the socket came from (new users are counted per address).
+    address: IpAddr,
     out: mpsc::Sender<Outgoing>,
     subscriptions: HashMap<
         ConversationId,
@@ -138,7 +146,19 @@ struct Socket {
     >,
 }
 
-async fn run(state: Arc<AppState>, user: UserId, token: Option<String>, socket: WebSocket) {
+/// Who opened a socket.
+struct Caller {
+    user: UserId,
+    token: Option<String>,
+    address: IpAddr,
+}
+
+async fn run(state: Arc<AppState>, caller: Caller, socket: WebSocket) {
+    let Caller {
+        user,
+        token,
+        address,
+    } = caller;
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<Outgoing>(OUTBOX);
     let write_timeout = state.limits.write_timeout;
@@ -173,6 +193,7 @@ async fn run(state: Arc<AppState>, user: UserId, token: Option<String>, socket: 
         state: state.clone(),
         user,
         token,
+        address,
         out,
         subscriptions: HashMap::new(),
     };
@@ -296,18 +317,21 @@ impl Socket {
                 settings,
                 reasoning,
             } => {
-                let c = st
-                    .store
-                    .create_conversation_for(
-                        self.token.as_deref(),
-                        self.user,
-                        title.as_deref().unwrap_or(""),
-                        system_prompt.as_deref().unwrap_or(""),
-                        &settings.unwrap_or_default(),
-                        reasoning.unwrap_or(false),
-                    )
+                let new = NewConversation {
+                    title: title.unwrap_or_default(),
+                    system_prompt: system_prompt.unwrap_or_default(),
+                    settings: settings.unwrap_or_default(),
+                    reasoning: reasoning.unwrap_or(false),
+                };
+                let token = self.token.as_deref();
+                let c = create_conversation(&st, token, self.user, self.address, &new)
                     .await
-                    .map_err(store_refusal)?;
+                    .map_err(|e| match e {
+                        NotCreated::Store(e) => store_refusal(e),
+                        e @ NotCreated::TooManyNewUsers { .. } => {
+                            (NotCreated::TOO_MANY_NEW_USERS, e.to_string())
+                        }
+                    })?;
                 self.send(ServerEvent::ConversationCreated {
                     request_id,
                     conversation: c,

@@ -12,6 +12,7 @@
 //! SQL lives only here; nothing here knows about actors or HTTP.
 
 mod conversations;
+mod links;
 mod types;
 
 use std::path::Path;
@@ -26,6 +27,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
+pub use links::LINK_CODE_TTL_MS;
 pub use types::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,15 @@ pub enum StoreError {
     /// The user holds as many conversations as they may.
     #[error("at most {0} conversations per user: delete some first")]
     TooManyConversations(usize),
+    /// A link code that is not one, was used already or has expired.
+    #[error("this sign-in link is not valid (any more): make a new one")]
+    BadLinkCode,
+    /// Signing this browser in elsewhere would hide this many conversations of its own.
+    #[error("this browser holds {} of its own, which the sign-in would hide", conversations(*.0))]
+    WouldHide(usize),
+    /// An answer is being written where the change would move it.
+    #[error("an answer is still being written in this browser: try again when it is done")]
+    Busy,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -48,6 +59,9 @@ impl StoreError {
             StoreError::NotFound => "not_found",
             StoreError::Invalid(_) => "invalid_request",
             StoreError::TooManyConversations(_) => "too_many_conversations",
+            StoreError::BadLinkCode => "invalid_link",
+            StoreError::WouldHide(_) => "would_hide_conversations",
+            StoreError::Busy => "already_generating",
             StoreError::Db(_) => "storage_error",
         }
     }
@@ -55,11 +69,19 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+fn conversations(n: usize) -> String {
+    match n {
+        1 => "1 conversation".into(),
+        n => format!("{n} conversations"),
+    }
+}
+
 /// Migrations, applied in order at start-up; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_fts_skips_streaming.sql"),
     include_str!("../../migrations/0003_server_keys.sql"),
+    include_str!("../../migrations/0004_link_codes.sql"),
 ];
 
 /// A visitor's token: `v1.<user id>.<nonce>.<HMAC-SHA256 of "<user id>.<nonce>">` (the nonce
@@ -115,6 +137,15 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
 
 fn hash_token(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
+}
+
+/// 128 bits of randomness twice over, in hex: a login token or a link code.
+fn random_token() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 impl Store {
@@ -280,6 +311,19 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a conversation created for `owner` with `token` would store them as a new
+    /// user: the token is their visitor token and they are not stored yet.
+    pub async fn would_store_visitor(&self, token: &str, owner: UserId) -> Result<bool> {
+        if self.visitor(token) != Some(owner) {
+            return Ok(false);
+        }
+        let stored: bool = sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM users WHERE id = ?)")
+            .bind(owner.to_string())
+            .fetch_one(&self.read)
+            .await?;
+        Ok(!stored)
+    }
+
     /// A new anonymous user.
     pub async fn create_user(&self) -> Result<UserId> {
         let id = UserId::new();
@@ -295,21 +339,26 @@ impl Store {
 
     /// A new login token for `user`; only its hash is stored, the token itself is returned once.
     pub async fn create_login(&self, user: UserId) -> Result<String> {
-        let token = format!(
-            "{}{}",
-            uuid::Uuid::new_v4().simple(),
-            uuid::Uuid::new_v4().simple()
-        );
-        let now = now_ms();
         let mut tx = self.begin().await?;
+        let token = self.insert_login(&mut tx, user).await?;
+        tx.commit().await?;
+        Ok(token)
+    }
+
+    async fn insert_login(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        user: UserId,
+    ) -> Result<String> {
+        let token = random_token();
+        let now = now_ms();
         sqlx::query("INSERT INTO login_sessions (token_hash, user_id, created_at, last_seen_at) VALUES (?, ?, ?, ?)")
             .bind(hash_token(&token))
             .bind(user.to_string())
             .bind(now)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-        tx.commit().await?;
         Ok(token)
     }
 
@@ -330,10 +379,7 @@ impl Store {
         let Some(visitor) = self.visitor(token) else {
             return Ok(None);
         };
-        let stored: bool = sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM users WHERE id = ?)")
-            .bind(visitor.to_string())
-            .fetch_one(&self.read)
-            .await?;
-        Ok((!stored).then_some(visitor))
+        let unstored = self.would_store_visitor(token, visitor).await?;
+        Ok(unstored.then_some(visitor))
     }
 }

@@ -2,7 +2,7 @@
 // Usage: node chat.mjs BASE_URL XSS_TOKEN XSS_CONVERSATION_ID ARTIFACT_DIR
 // Prints "N passed, M failed" at the end and exits non-zero on any failure.
 import { chromium } from "playwright-core";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 
 const [base, xssToken, xssConversation, artifacts] = process.argv.slice(2);
 mkdirSync(artifacts, { recursive: true });
@@ -179,6 +179,12 @@ await check("rename, search and delete work", async () => {
   await page.click("#rename");
   await page.waitForSelector("#conversations li >> text=Paris questions");
   page.__dialogAnswer = undefined;
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#export")]);
+  const file = readFileSync(await download.path(), "utf8");
+  assert(download.suggestedFilename() === "Paris questions.md", `file name: ${download.suggestedFilename()}`);
+  assert(file.startsWith("# Paris questions\n") && /## You\n\n[^]*lighthouse/.test(file)
+    && file.includes("## Assistant"), `the export: ${file.slice(0, 300)}`);
+  await page.waitForSelector("#status:has-text('connected')"); // the page stayed
   await page.fill("#search", "lighthouse");
   await page.waitForSelector("#search-results li >> text=Paris questions");
   await shot(page, "05-search");
@@ -200,6 +206,41 @@ await check("another user sees none of the first user's conversations", async ()
   await bob.page.waitForSelector("#search-results >> text=No messages found.");
   await shot(bob.page, "06-other-user");
   await bob.ctx.close();
+});
+
+await check("a link signs another browser in as the same user, with its own conversations along", async () => {
+  await page.click("#link-device");
+  const link = await page.inputValue("#link-url");
+  assert(/\/#link=[0-9a-f]{64}$/.test(link), `a link: ${link}`);
+  await page.reload();
+  await page.waitForSelector("#status:has-text('connected')");
+  const theirs = await page.locator("#conversations li").count();
+  assert(theirs > 0, "alice has conversations");
+  // Carol, on "another device", has one conversation of her own.
+  const carol = await newUser();
+  await ask(carol.page, "My favourite colour is teal.");
+  await carol.page.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
+  const p = await carol.ctx.newPage();
+  let asked = "";
+  p.on("dialog", (d) => { asked = d.message(); d.accept(); });
+  await p.goto(link);
+  await p.waitForFunction((n) => document.querySelectorAll("#conversations li").length === n + 1
+    && location.hash === "", theirs, { timeout: 30000 });
+  assert(/holds 1 conversation of its own/.test(asked), `asked before moving them: ${asked}`);
+  await shot(p, "06b-linked");
+  await page.reload();
+  await page.waitForFunction((n) => document.querySelectorAll("#conversations li").length === n + 1, theirs);
+  await page.fill("#search", "teal");
+  await page.waitForSelector("#search-results li small >> text=teal");
+  await page.fill("#search", "");
+  await page.dispatchEvent("#search", "input");
+  // The link worked once.
+  const again = await browser.newContext();
+  const q = await again.newPage();
+  await q.goto(link);
+  await q.waitForSelector("#notice.error >> text=not valid");
+  await again.close();
+  await carol.ctx.close();
 });
 
 await check("a dropped connection comes back by itself and the chat goes on", async () => {
@@ -302,7 +343,19 @@ await check("phone-sized screen and dark mode", async () => {
   await p.waitForSelector("#status:has-text('connected')");
   assert(await p.isVisible("#toggle-sidebar"), "menu button on a phone");
   assert(await p.isVisible("#input"), "composer visible");
+  await ask(p, "Hello from a phone.");
+  await p.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
   await shot(p, "08-phone-dark");
+  // Rename and delete, from the settings panel (the header has no room for them).
+  assert(await p.isHidden("#delete"), "no delete button in a phone's header");
+  await p.click("#settings-toggle");
+  p.on("dialog", (d) => d.accept(d.type() === "prompt" ? "From my phone" : undefined));
+  await p.click(".narrow-actions button:has-text('Rename')");
+  await p.waitForSelector("#title:has-text('From my phone')");
+  await p.click(".narrow-actions button:has-text('Delete')");
+  await p.waitForFunction(() => document.querySelectorAll("#messages li.msg").length === 0);
+  const left = await p.evaluate(async () => (await (await fetch("/api/conversations")).json()).conversations.length);
+  assert(left === 0, `deleted (${left} left)`);
   await ctx.close();
 });
 
