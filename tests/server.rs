@@ -1234,6 +1234,8 @@ async fn a_link_signs_another_browser_in_and_its_conversations_go_on_there() {
     assert!(set.contains("HttpOnly"), "{set}");
     let linked = set.split(';').next().unwrap().to_owned();
     assert_ne!(linked, carol);
+    // Carol's socket, opened as the user who is no more, is told to reload.
+    assert_eq!(close_code(&mut c).await, 4409);
 
     // Alice sees both conversations, from either browser.
     for cookie in [&alice, &linked, &carol] {
@@ -1255,5 +1257,47 @@ async fn a_link_signs_another_browser_in_and_its_conversations_go_on_there() {
     assert_eq!(done["status"], "complete", "{done}");
     let one = get_json(&http, format!("{origin}/api/conversations/{hers}"), &linked).await;
     assert_eq!(one["messages"].as_array().unwrap().len(), 4, "{one}");
+
+    // Alice signs her other browsers out: their sockets close, their cookies are nobody's.
+    let r = post("/api/logins/sign-out-others", &alice, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["signed_out"], 2,
+        "the linked browser and Carol's old cookie: {body}"
+    );
+    assert_eq!(close_code(&mut l).await, 4401);
+    let r = http
+        .get(format!("{origin}/api/conversations"))
+        .header("cookie", &linked)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Carol's old visitor cookie names a visitor again, as after a first page view: nobody's
+    // conversations.
+    let list = get_json(&http, format!("{origin}/api/conversations"), &carol).await;
+    assert_eq!(list["conversations"], json!([]), "{list}");
+    send(&mut a, json!({"type":"open","conversation_id":hers})).await;
+    until(&mut a, "snapshot").await;
+    let list = get_json(&http, format!("{origin}/api/conversations"), &alice).await;
+    assert_eq!(list["conversations"].as_array().unwrap().len(), 2, "{list}");
     srv.shutdown().await;
+}
+
+/// The close code the server ends the socket with (events before it are skipped).
+async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("closed in time");
+        match m {
+            Some(Ok(Message::Close(Some(f)))) => return f.code.into(),
+            Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("socket error: {e}"),
+        }
+    }
 }

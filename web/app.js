@@ -55,7 +55,16 @@ function connect() {
     if (state.current) send({ type: "open", conversation_id: state.current });
   };
   ws.onmessage = (e) => handle(JSON.parse(e.data));
-  ws.onclose = () => {
+  ws.onclose = (e) => {
+    // Signed out from another device (4401), or this browser's conversations joined another
+    // device's (4409): a reload takes up the cookie as it is now.
+    if (e.code === 4401 || e.code === 4409) {
+      sessionStorage.setItem("smolchat-notice", e.code === 4401
+        ? "This browser was signed out from another device."
+        : "This browser now shares its conversations with another device.");
+      if (e.code === 4401) history.replaceState(null, "", location.pathname);
+      return location.reload();
+    }
     status("reconnecting…");
     setTimeout(connect, state.backoff);
     state.backoff = Math.min(state.backoff * 2, 10000);
@@ -508,6 +517,19 @@ window.addEventListener("hashchange", () => {
   redeemLink(code);
 });
 
+$("sign-out-others").onclick = async () => {
+  if (!confirm("Sign out every other browser and program that uses your conversations? They start afresh, without them.")) return;
+  const r = await fetch("/api/logins/sign-out-others", { method: "POST" });
+  if (!r.ok) return notice(await errorMessage(r), true);
+  const { signed_out } = await r.json();
+  notice(signed_out ? `Signed out ${signed_out} other ${signed_out === 1 ? "browser" : "browsers"}.` : "No other browser was signed in.");
+};
+
+const told = sessionStorage.getItem("smolchat-notice");
+if (told) {
+  sessionStorage.removeItem("smolchat-notice");
+  notice(told);
+}
 if (linkCode) await redeemLink(linkCode);
 refreshList();
 connect();

@@ -20,7 +20,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use ractor::{Actor, ActorRef};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::actors::registry::{RegistryArgs, RegistryMsg, SessionRegistry};
 use crate::actors::{ModelActor, ModelMsg, SchedulerConfig};
@@ -64,6 +64,9 @@ pub(crate) struct AppState {
     sends: Mutex<SendLog>,
     /// Users stored per client address in the last hour.
     new_users: Mutex<NewUserLog>,
+    /// Users whose tokens may have changed hands (signed out elsewhere, or merged into
+    /// another user): their sockets check their token again.
+    identity_changes: broadcast::Sender<UserId>,
     /// Per user, the conversations generating, or about to.
     generating: Mutex<HashMap<UserId, HashMap<ConversationId, Generating>>>,
     shutdown: watch::Receiver<bool>,
@@ -218,6 +221,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         sockets: Mutex::new(HashMap::new()),
         sends: Mutex::new(SendLog::per_minute()),
         new_users: Mutex::new(NewUserLog::per_hour()),
+        identity_changes: broadcast::channel(64).0,
         generating: Mutex::new(HashMap::new()),
         shutdown: shutdown_rx.clone(),
     });
@@ -264,6 +268,10 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/conversations/{id}/export", get(rest::export))
         .route("/api/link", axum::routing::post(rest::create_link))
         .route("/api/link/redeem", axum::routing::post(rest::redeem_link))
+        .route(
+            "/api/logins/sign-out-others",
+            axum::routing::post(rest::sign_out_others),
+        )
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))

@@ -376,12 +376,33 @@ pub async fn redeem_link(
         .await
     {
         Ok((user, token)) => {
-            tracing::info!(%user, merged = ?current.filter(|c| *c != user), "a browser signed in with a link");
+            let merged = current.filter(|c| *c != user && redeem.merge);
+            tracing::info!(%user, ?merged, "a browser signed in with a link");
+            if let Some(from) = merged {
+                let _ = state.identity_changes.send(from);
+            }
             let mut r = Json(json!({ "user_id": user })).into_response();
             if let Ok(c) = identity::cookie(&token).parse() {
                 r.headers_mut().insert(SET_COOKIE, c);
             }
             r
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+/// Signs the caller's other browsers and programs out (their sockets close with 4401).
+pub async fn sign_out_others(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let user = match require_writer(&state, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let token = identity::token(&headers).unwrap_or_default();
+    match state.store.sign_out_others(user, &token).await {
+        Ok(n) => {
+            tracing::info!(%user, logins = n, "signed out elsewhere");
+            let _ = state.identity_changes.send(user);
+            Json(json!({ "signed_out": n })).into_response()
         }
         Err(e) => store_error(e),
     }

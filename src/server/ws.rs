@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use ractor::{call, ActorRef, RpcReplyPort};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use super::rest::{error, store_error};
 use super::{create_conversation, identity, lock, AppState, NewConversation, NotCreated};
@@ -203,6 +203,7 @@ async fn run(state: Arc<AppState>, caller: Caller, socket: WebSocket) {
     })
     .await;
     let mut shutdown = state.shutdown.clone();
+    let mut identity_changes = state.identity_changes.subscribe();
     let mut bad_frames = 0usize;
     loop {
         let frame = tokio::select! {
@@ -210,6 +211,20 @@ async fn run(state: Arc<AppState>, caller: Caller, socket: WebSocket) {
             _ = shutdown.changed() => {
                 s.close(1001, "server shutting down").await;
                 break;
+            }
+            changed = identity_changes.recv() => {
+                let mine = match changed {
+                    Ok(u) => u == s.user,
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => false,
+                };
+                if mine {
+                    if let Some((code, reason)) = s.identity_gone().await {
+                        s.close(code, reason).await;
+                        break;
+                    }
+                }
+                continue;
             }
             // The writer gave up on this client (or the socket broke): nothing can reach it.
             _ = s.out.closed() => break,
@@ -294,6 +309,21 @@ async fn run(state: Arc<AppState>, caller: Caller, socket: WebSocket) {
 impl Socket {
     async fn send(&self, ev: ServerEvent) {
         let _ = self.out.send(Outgoing::Event(Box::new(ev))).await;
+    }
+
+    /// Whether the socket's token still names its user; if not, the close code that says why:
+    /// 4401 signed out (the token is nobody's now), 4409 the token now names another user
+    /// (this browser's conversations joined them).
+    async fn identity_gone(&self) -> Option<(u16, &'static str)> {
+        let now = match &self.token {
+            Some(t) => self.state.store.user_for_token(t).await.ok()?,
+            None => None,
+        };
+        match now {
+            Some(u) if u == self.user => None,
+            Some(_) => Some((4409, "this browser now signs in as another user")),
+            None => Some((4401, "signed out")),
+        }
     }
 
     async fn close(&self, code: u16, reason: &'static str) {

@@ -107,4 +107,23 @@ impl Store {
         tx.commit().await?;
         Ok((user, token))
     }
+
+    /// Signs every other browser and program of `user` out: removes their logins and any
+    /// link code not yet used, keeping the login of `keep` (the caller's token). Returns how
+    /// many logins went.
+    pub async fn sign_out_others(&self, user: UserId, keep: &str) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let gone = sqlx::query("DELETE FROM login_sessions WHERE user_id = ? AND token_hash != ?")
+            .bind(user.to_string())
+            .bind(hash_token(keep))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM link_codes WHERE user_id = ?")
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(gone)
+    }
 }

@@ -234,6 +234,13 @@ await check("a link signs another browser in as the same user, with its own conv
   await page.waitForSelector("#search-results li small >> text=teal");
   await page.fill("#search", "");
   await page.dispatchEvent("#search", "input");
+  // Alice signs her other browsers out: the linked page says so and starts afresh.
+  await page.click("#sign-out-others");
+  await page.waitForSelector("#notice >> text=Signed out");
+  await p.waitForSelector("#notice >> text=signed out from another device", { timeout: 30000 });
+  await p.waitForSelector("#status:has-text('connected')");
+  assert((await p.locator("#conversations li").count()) === 0, "the signed-out browser holds nothing");
+  assert((await page.locator("#conversations li").count()) === theirs + 1, "alice keeps hers");
   // The link worked once.
   const again = await browser.newContext();
   const q = await again.newPage();
