@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use common::{read_only, rows_in};
 
 use smolchat::store::{
-    ConversationPatch, MessageOutcome, MessageStatus, Role, Settings, Store, StoreError,
+    ConversationPatch, MessageOutcome, MessageStatus, Redeemer, Role, Settings, Store, StoreError,
 };
 
 fn db_path(name: &str) -> PathBuf {
@@ -471,8 +471,10 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
     ));
     let alice = store.create_user().await.unwrap();
     new_conversation(alice).await;
+    // One code at a time: a new one replaces the last.
+    let old = store.create_link_code(alice).await.unwrap();
     let code = store.create_link_code(alice).await.unwrap();
-    for bad in ["", "nope", &code[..63], &code.to_uppercase()] {
+    for bad in ["", "nope", &code[..63], &code.to_uppercase(), &old] {
         assert!(
             matches!(
                 store.redeem_link_code(bad, None, false).await,
@@ -481,10 +483,15 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
             "{bad:?}"
         );
     }
+    assert_eq!(rows_in(&path, "link_codes").await, 1);
     // A fresh browser gets a login of Alice's own, and the code is used up.
-    let (fresh, _) = store.new_visitor();
+    let (fresh, fresh_token) = store.new_visitor();
+    let by = Redeemer {
+        user: fresh,
+        token: &fresh_token,
+    };
     let (user, token) = store
-        .redeem_link_code(&code, Some(fresh), false)
+        .redeem_link_code(&code, Some(by), false)
         .await
         .unwrap();
     assert_eq!(user, alice);
@@ -494,9 +501,15 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
         Err(StoreError::BadLinkCode)
     ));
 
-    // Carol's browser has a conversation, with an answer being written.
+    // Carol uses two browsers; in this one she has a conversation, with an answer being
+    // written.
     let carol = store.create_user().await.unwrap();
-    let carols_login = store.create_login(carol).await.unwrap();
+    let carols_browser = store.create_login(carol).await.unwrap();
+    let carols_phone = store.create_login(carol).await.unwrap();
+    let by = Some(Redeemer {
+        user: carol,
+        token: &carols_browser,
+    });
     let mine = new_conversation(carol).await;
     let answer = store
         .add_message(
@@ -517,11 +530,11 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
     // Refused, each time changing nothing and keeping the code good: it would hide Carol's
     // conversation; an answer is being written; Alice's limit (3) would be passed.
     assert!(matches!(
-        store.redeem_link_code(&code, Some(carol), false).await,
+        store.redeem_link_code(&code, by, false).await,
         Err(StoreError::WouldHide(1))
     ));
     assert!(matches!(
-        store.redeem_link_code(&code, Some(carol), true).await,
+        store.redeem_link_code(&code, by, true).await,
         Err(StoreError::Busy)
     ));
     store
@@ -540,7 +553,7 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
     let extra = new_conversation(carol).await;
     new_conversation(carol).await;
     assert!(matches!(
-        store.redeem_link_code(&code, Some(carol), true).await,
+        store.redeem_link_code(&code, by, true).await,
         Err(StoreError::TooManyConversations(3))
     ));
     assert_eq!(
@@ -553,11 +566,9 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
     assert_eq!(store.list_conversations(carol).await.unwrap().len(), 3);
     store.delete_conversation(carol, extra.id).await.unwrap();
 
-    // Merged: Carol's conversations and logins are Alice's, and Carol is no more.
-    let (user, _) = store
-        .redeem_link_code(&code, Some(carol), true)
-        .await
-        .unwrap();
+    // Merged: Carol's conversations are Alice's; this browser's old login went, and her
+    // phone stays signed in as Carol, without them.
+    let (user, _) = store.redeem_link_code(&code, by, true).await.unwrap();
     assert_eq!(user, alice);
     assert_eq!(store.list_conversations(alice).await.unwrap().len(), 3);
     assert_eq!(
@@ -568,11 +579,12 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
         store.conversation(carol, mine.id).await,
         Err(StoreError::NotFound)
     ));
+    assert_eq!(store.user_for_token(&carols_browser).await.unwrap(), None);
     assert_eq!(
-        store.user_for_token(&carols_login).await.unwrap(),
-        Some(alice)
+        store.user_for_token(&carols_phone).await.unwrap(),
+        Some(carol)
     );
-    assert_eq!(rows_in(&path, "users").await, 1);
+    assert!(store.list_conversations(carol).await.unwrap().is_empty());
 
     // A code ten minutes old is no code.
     let code = store.create_link_code(alice).await.unwrap();
@@ -589,4 +601,31 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
         store.redeem_link_code(&code, None, false).await,
         Err(StoreError::BadLinkCode)
     ));
+
+    // A user signed in on as many browsers as allowed signs in on no more, and signing the
+    // others out keeps only the caller's login.
+    let logins: i64 = rows_in(&path, "login_sessions").await;
+    let alices = logins as usize - 1; // Carol's phone is the other
+    for _ in alices..smolchat::store::MAX_LOGINS {
+        store.create_login(alice).await.unwrap();
+    }
+    let code = store.create_link_code(alice).await.unwrap();
+    assert!(matches!(
+        store.redeem_link_code(&code, None, false).await,
+        Err(StoreError::TooManyLogins(_))
+    ));
+    assert_eq!(
+        store.sign_out_others(alice, &token).await.unwrap() as usize,
+        smolchat::store::MAX_LOGINS - 1
+    );
+    assert_eq!(store.user_for_token(&token).await.unwrap(), Some(alice));
+    assert_eq!(
+        rows_in(&path, "link_codes").await,
+        0,
+        "unused codes went too"
+    );
+    assert_eq!(
+        store.user_for_token(&carols_phone).await.unwrap(),
+        Some(carol)
+    );
 }

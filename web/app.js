@@ -6,8 +6,13 @@ import DOMPurify from "/vendor/purify.es.mjs";
 
 const $ = (id) => document.getElementById(id);
 // A sign-in link made on another device (#link=CODE) is taken out of the address at once.
-const linkCode = location.hash.startsWith("#link=") ? decodeURIComponent(location.hash.slice(6)) : null;
-if (linkCode) history.replaceState(null, "", location.pathname);
+function takeLinkCode() {
+  if (!location.hash.startsWith("#link=")) return null;
+  const code = location.hash.slice(6);
+  history.replaceState(null, "", location.pathname + location.search);
+  try { return decodeURIComponent(code); } catch { return code; }
+}
+const linkCode = takeLinkCode();
 const state = {
   ws: null,
   backoff: 500,
@@ -56,13 +61,11 @@ function connect() {
   };
   ws.onmessage = (e) => handle(JSON.parse(e.data));
   ws.onclose = (e) => {
-    // Signed out from another device (4401), or this browser's conversations joined another
-    // device's (4409): a reload takes up the cookie as it is now.
-    if (e.code === 4401 || e.code === 4409) {
-      sessionStorage.setItem("smolchat-notice", e.code === 4401
-        ? "This browser was signed out from another device."
-        : "This browser now shares its conversations with another device.");
-      if (e.code === 4401) history.replaceState(null, "", location.pathname);
+    // This browser's login went (signed out from another device, or another tab signed in
+    // with a link): a reload takes up the cookie as it is now, and says why.
+    if (e.code === 4401) {
+      sessionStorage.setItem("smolchat-notice", `This browser's sign-in changed: ${e.reason || "signed out"}.`);
+      history.replaceState(null, "", location.pathname);
       return location.reload();
     }
     status("reconnecting…");
@@ -409,9 +412,20 @@ $("rename").onclick = () => {
   const title = prompt("New title", $("title").textContent);
   if (title && title.trim()) send({ type: "rename", conversation_id: state.current, title: title.trim() });
 };
-// The server sends it as an attachment: the page stays where it is.
-$("export").onclick = () => {
-  if (state.current) location.href = `/api/conversations/${state.current}/export`;
+// Fetched first, so that a refusal is a notice rather than a page of JSON.
+$("export").onclick = async () => {
+  if (!state.current) return;
+  const r = await fetch(`/api/conversations/${state.current}/export`);
+  if (!r.ok) return notice(await errorMessage(r), true);
+  const disposition = r.headers.get("content-disposition") || "";
+  const utf8 = /filename\*=UTF-8''([^;]+)/.exec(disposition)?.[1];
+  let name = /filename="([^"]+)"/.exec(disposition)?.[1] || "conversation.md";
+  try { if (utf8) name = decodeURIComponent(utf8); } catch {}
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(await r.blob());
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
 };
 $("delete").onclick = () => {
   if (state.current && confirm("Delete this conversation? This cannot be undone.")) {
@@ -487,34 +501,44 @@ $("link-device").onclick = async () => {
   link.select();
 };
 
-// Signs this browser in with a link from another device; a browser with conversations of its
-// own is asked first whether they go along (they would be hidden otherwise).
+// Signs this browser in with a link from another device, once its user says so (a link
+// someone else made would put what they type next into that someone's hands). A browser with
+// conversations of its own is asked again whether they go along (they would be hidden).
 async function redeemLink(code) {
+  if (!confirm("Sign this browser in as the account that made this link?\n\n"
+    + "Only go on with a link you made yourself on your other device: whoever made it will see "
+    + "everything you write here.")) {
+    return notice("Not signed in: the link was not used.");
+  }
   const post = (merge) => fetch("/api/link/redeem", {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify({ code, merge }),
   });
-  let r = await post(false);
-  if (r.status === 409) {
-    const body = await r.clone().json().catch(() => ({}));
-    if (body.code === "would_hide_conversations") {
-      const move = confirm(`${body.message}.\n\nMove them to the account that made the link? `
-        + "Do this only with a link you made yourself: whoever made it will be able to read them.");
-      if (!move) return notice("Not signed in: this browser keeps its own conversations.");
-      r = await post(true);
+  try {
+    let r = await post(false);
+    if (r.status === 409) {
+      const body = await r.clone().json().catch(() => ({}));
+      if (body.code === "would_hide_conversations") {
+        if (!confirm(`${body.message[0].toUpperCase()}${body.message.slice(1)}.\n\n`
+          + "Move them to the account that made the link? Other browsers signed in as this one "
+          + "stay signed in, but without them.")) {
+          return notice("Not signed in: this browser keeps its own conversations.");
+        }
+        r = await post(true);
+      }
     }
+    if (r.ok) return location.replace("/");
+    notice(await errorMessage(r), true);
+  } catch (e) {
+    notice(`Could not sign in: ${e.message}`, true);
   }
-  if (r.ok) return location.replace("/");
-  notice(await errorMessage(r), true);
 }
 
 // A link pasted into the address bar of a page already open.
 window.addEventListener("hashchange", () => {
-  if (!location.hash.startsWith("#link=")) return;
-  const code = decodeURIComponent(location.hash.slice(6));
-  history.replaceState(null, "", location.pathname);
-  redeemLink(code);
+  const code = takeLinkCode();
+  if (code) redeemLink(code);
 });
 
 $("sign-out-others").onclick = async () => {

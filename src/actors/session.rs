@@ -67,7 +67,9 @@ impl From<StoreError> for SessionError {
             StoreError::Invalid(m) => SessionError::Invalid { message: m },
             StoreError::TooManyConversations(limit) => SessionError::TooManyConversations { limit },
             StoreError::Busy => SessionError::Generating,
-            e @ (StoreError::BadLinkCode | StoreError::WouldHide(_)) => SessionError::Invalid {
+            e @ (StoreError::BadLinkCode
+            | StoreError::WouldHide(_)
+            | StoreError::TooManyLogins(_)) => SessionError::Invalid {
                 message: e.to_string(),
             },
             StoreError::Db(e) => SessionError::Internal {

@@ -64,9 +64,9 @@ pub(crate) struct AppState {
     sends: Mutex<SendLog>,
     /// Users stored per client address in the last hour.
     new_users: Mutex<NewUserLog>,
-    /// Users whose tokens may have changed hands (signed out elsewhere, or merged into
-    /// another user): their sockets check their token again.
-    identity_changes: broadcast::Sender<UserId>,
+    /// Users some of whose logins went (signed out from elsewhere, or a browser that signed
+    /// in as someone else), and why: their sockets check their token again.
+    identity_changes: broadcast::Sender<(UserId, &'static str)>,
     /// Per user, the conversations generating, or about to.
     generating: Mutex<HashMap<UserId, HashMap<ConversationId, Generating>>>,
     shutdown: watch::Receiver<bool>,

@@ -19,7 +19,8 @@ use serde_json::json;
 
 use super::{export, identity, AppState, NewConversation, NotCreated};
 use crate::store::{
-    Conversation, ConversationId, ConversationPatch, Message, StoreError, UserId, LINK_CODE_TTL_MS,
+    Conversation, ConversationId, ConversationPatch, Message, Redeemer, StoreError, UserId,
+    LINK_CODE_TTL_MS,
 };
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
@@ -40,9 +41,10 @@ pub(super) fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::NotFound => error(StatusCode::NOT_FOUND, code, "conversation not found"),
         StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, code, &m),
-        StoreError::TooManyConversations(_) | StoreError::Busy | StoreError::WouldHide(_) => {
-            error(StatusCode::CONFLICT, code, &e.to_string())
-        }
+        StoreError::TooManyConversations(_)
+        | StoreError::Busy
+        | StoreError::WouldHide(_)
+        | StoreError::TooManyLogins(_) => error(StatusCode::CONFLICT, code, &e.to_string()),
         StoreError::BadLinkCode => error(StatusCode::BAD_REQUEST, code, &e.to_string()),
         StoreError::Db(e) => {
             tracing::error!(error = %e, "storage error");
@@ -370,16 +372,23 @@ pub async fn redeem_link(
         Ok(u) => u,
         Err(e) => return store_error(e),
     };
+    let token = identity::token(&headers);
+    let by = current
+        .zip(token.as_deref())
+        .map(|(user, token)| Redeemer { user, token });
     match state
         .store
-        .redeem_link_code(redeem.code.trim(), current, redeem.merge)
+        .redeem_link_code(redeem.code.trim(), by, redeem.merge)
         .await
     {
         Ok((user, token)) => {
-            let merged = current.filter(|c| *c != user && redeem.merge);
-            tracing::info!(%user, ?merged, "a browser signed in with a link");
-            if let Some(from) = merged {
-                let _ = state.identity_changes.send(from);
+            let was = current.filter(|c| *c != user);
+            tracing::info!(%user, ?was, merge = redeem.merge, "a browser signed in with a link");
+            if let Some(was) = was {
+                // Its other tabs hold the old login, gone now.
+                let _ = state
+                    .identity_changes
+                    .send((was, "this browser signed in with a link"));
             }
             let mut r = Json(json!({ "user_id": user })).into_response();
             if let Ok(c) = identity::cookie(&token).parse() {
@@ -401,7 +410,9 @@ pub async fn sign_out_others(State(state): State<Arc<AppState>>, headers: Header
     match state.store.sign_out_others(user, &token).await {
         Ok(n) => {
             tracing::info!(%user, logins = n, "signed out elsewhere");
-            let _ = state.identity_changes.send(user);
+            let _ = state
+                .identity_changes
+                .send((user, "signed out from another device"));
             Json(json!({ "signed_out": n })).into_response()
         }
         Err(e) => store_error(e),

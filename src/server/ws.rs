@@ -213,14 +213,14 @@ async fn run(state: Arc<AppState>, caller: Caller, socket: WebSocket) {
                 break;
             }
             changed = identity_changes.recv() => {
-                let mine = match changed {
-                    Ok(u) => u == s.user,
-                    Err(broadcast::error::RecvError::Lagged(_)) => true,
-                    Err(broadcast::error::RecvError::Closed) => false,
+                let why = match changed {
+                    Ok((u, why)) if u == s.user => Some(why),
+                    Ok(_) | Err(broadcast::error::RecvError::Closed) => None,
+                    Err(broadcast::error::RecvError::Lagged(_)) => Some("signed out"),
                 };
-                if mine {
-                    if let Some((code, reason)) = s.identity_gone().await {
-                        s.close(code, reason).await;
+                if let Some(why) = why {
+                    if s.signed_out().await {
+                        s.close(4401, why).await;
                         break;
                     }
                 }
@@ -311,18 +311,15 @@ impl Socket {
         let _ = self.out.send(Outgoing::Event(Box::new(ev))).await;
     }
 
-    /// Whether the socket's token still names its user; if not, the close code that says why:
-    /// 4401 signed out (the token is nobody's now), 4409 the token now names another user
-    /// (this browser's conversations joined them).
-    async fn identity_gone(&self) -> Option<(u16, &'static str)> {
-        let now = match &self.token {
-            Some(t) => self.state.store.user_for_token(t).await.ok()?,
-            None => None,
-        };
-        match now {
-            Some(u) if u == self.user => None,
-            Some(_) => Some((4409, "this browser now signs in as another user")),
-            None => Some((4401, "signed out")),
+    /// Whether the socket's token no longer names its user (a failed look-up is not taken
+    /// for a sign-out).
+    async fn signed_out(&self) -> bool {
+        match &self.token {
+            Some(t) => match self.state.store.user_for_token(t).await {
+                Ok(now) => now != Some(self.user),
+                Err(_) => false,
+            },
+            None => false,
         }
     }
 

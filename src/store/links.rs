@@ -1,6 +1,6 @@
 //! Signing another browser in as the same user: a one-time code, shown as a link on one device
-//! and redeemed on the other, which gets a login of its own. What the second browser had
-//! (its conversations, its other logins) joins the user it signed in as.
+//! and redeemed on the other, which gets a login of its own. The conversations the second
+//! browser had may go along with it (asked first); nothing else of its old user does.
 
 use sqlx::Row;
 
@@ -9,16 +9,28 @@ use super::{hash_token, now_ms, random_token, Result, Store, StoreError, UserId}
 /// How long a link code can be redeemed, in ms.
 pub const LINK_CODE_TTL_MS: i64 = 10 * 60 * 1000;
 
+/// Logins one user may hold (browsers and bearer tokens); a sign-in beyond is refused
+/// ([`StoreError::TooManyLogins`]) rather than signing an old one out unasked.
+pub const MAX_LOGINS: usize = 50;
+
+/// The browser that redeems a link code: who it was, with which token.
+#[derive(Debug, Clone, Copy)]
+pub struct Redeemer<'a> {
+    pub user: UserId,
+    pub token: &'a str,
+}
+
 impl Store {
-    /// A one-time code that signs another browser in as `user` for the next ten minutes.
-    /// [`StoreError::NotFound`] when `user` is not stored (a visitor who has not started a
-    /// conversation has nothing to take along).
+    /// A one-time code that signs another browser in as `user` for the next ten minutes; it
+    /// replaces any code of `user`'s not used yet. [`StoreError::NotFound`] when `user` is not
+    /// stored (a visitor who has not started a conversation has nothing to take along).
     pub async fn create_link_code(&self, user: UserId) -> Result<String> {
         let code = random_token();
         let now = now_ms();
         let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM link_codes WHERE expires_at <= ?")
+        sqlx::query("DELETE FROM link_codes WHERE expires_at <= ? OR user_id = ?")
             .bind(now)
+            .bind(user.to_string())
             .execute(&mut *tx)
             .await?;
         let stored: bool = sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM users WHERE id = ?)")
@@ -38,17 +50,17 @@ impl Store {
         Ok(code)
     }
 
-    /// Redeems a link code for a browser that was `current`: returns the code's user and a
-    /// new login token for this browser. When `current` holds conversations of its own, they
-    /// would be hidden by the new login: without `merge` nothing changes
-    /// ([`StoreError::WouldHide`], the code stays good); with it they and `current`'s logins
-    /// move to the code's user and `current` is removed, all in one transaction and within
-    /// the user's conversation limit. While one of `current`'s answers is being written
-    /// nothing changes ([`StoreError::Busy`]).
+    /// Redeems a link code for the browser `by`: returns the code's user and a new login
+    /// token for this browser, whose old login (if its token was one) goes. When `by` holds
+    /// conversations, the new login would hide them: without `merge` nothing changes
+    /// ([`StoreError::WouldHide`]); with it they move to the code's user, within that user's
+    /// conversation limit, and never while one of their answers is being written
+    /// ([`StoreError::Busy`]). `by`'s other logins stay as they were. All in one transaction:
+    /// a refusal uses up no code.
     pub async fn redeem_link_code(
         &self,
         code: &str,
-        current: Option<UserId>,
+        by: Option<Redeemer<'_>>,
         merge: bool,
     ) -> Result<(UserId, String)> {
         let mut tx = self.begin().await?;
@@ -62,8 +74,17 @@ impl Store {
         let user: UserId = row
             .and_then(|r| r.get::<String, _>(0).parse().ok())
             .ok_or(StoreError::BadLinkCode)?;
-        if let Some(from) = current.filter(|c| *c != user) {
-            let (from, into) = (from.to_string(), user.to_string());
+        let into = user.to_string();
+        let logins: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM login_sessions WHERE user_id = ?")
+                .bind(&into)
+                .fetch_one(&mut *tx)
+                .await?;
+        if logins as usize >= MAX_LOGINS {
+            return Err(StoreError::TooManyLogins(MAX_LOGINS));
+        }
+        if let Some(by) = by.filter(|b| b.user != user) {
+            let from = by.user.to_string();
             let count = |owner: &str| {
                 sqlx::query_scalar::<_, i64>(
                     "SELECT COUNT(*) FROM conversations WHERE owner_id = ?",
@@ -74,34 +95,32 @@ impl Store {
             if own > 0 && !merge {
                 return Err(StoreError::WouldHide(own));
             }
-            let streaming: bool = sqlx::query_scalar(
-                "SELECT EXISTS(SELECT 1 FROM messages m JOIN conversations c ON c.id = m.conversation_id \
-                 WHERE c.owner_id = ? AND m.status = 'streaming')",
-            )
-            .bind(&from)
-            .fetch_one(&mut *tx)
-            .await?;
-            if streaming {
-                return Err(StoreError::Busy);
-            }
-            let theirs = count(&into).fetch_one(&mut *tx).await? as usize;
-            if own + theirs > self.max_conversations {
-                return Err(StoreError::TooManyConversations(self.max_conversations));
-            }
-            if merge {
-                for sql in [
-                    "UPDATE conversations SET owner_id = ?2 WHERE owner_id = ?1",
-                    "UPDATE login_sessions SET user_id = ?2 WHERE user_id = ?1",
-                    "UPDATE link_codes SET user_id = ?2 WHERE user_id = ?1",
-                    "DELETE FROM users WHERE id = ?1",
-                ] {
-                    sqlx::query(sql)
-                        .bind(&from)
-                        .bind(&into)
-                        .execute(&mut *tx)
-                        .await?;
+            if own > 0 {
+                let streaming: bool = sqlx::query_scalar(
+                    "SELECT EXISTS(SELECT 1 FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+                     WHERE c.owner_id = ? AND m.status = 'streaming')",
+                )
+                .bind(&from)
+                .fetch_one(&mut *tx)
+                .await?;
+                if streaming {
+                    return Err(StoreError::Busy);
                 }
+                let theirs = count(&into).fetch_one(&mut *tx).await? as usize;
+                if own + theirs > self.max_conversations {
+                    return Err(StoreError::TooManyConversations(self.max_conversations));
+                }
+                sqlx::query("UPDATE conversations SET owner_id = ? WHERE owner_id = ?")
+                    .bind(&into)
+                    .bind(&from)
+                    .execute(&mut *tx)
+                    .await?;
             }
+            sqlx::query("DELETE FROM login_sessions WHERE token_hash = ? AND user_id = ?")
+                .bind(hash_token(by.token))
+                .bind(&from)
+                .execute(&mut *tx)
+                .await?;
         }
         let token = self.insert_login(&mut tx, user).await?;
         tx.commit().await?;

@@ -27,7 +27,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
-pub use links::LINK_CODE_TTL_MS;
+pub use links::{Redeemer, LINK_CODE_TTL_MS, MAX_LOGINS};
 pub use types::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,9 @@ pub enum StoreError {
     /// Signing this browser in elsewhere would hide this many conversations of its own.
     #[error("this browser holds {} of its own, which the sign-in would hide", conversations(*.0))]
     WouldHide(usize),
+    /// The user holds as many logins as they may.
+    #[error("already signed in on {0} browsers and programs: sign the others out first")]
+    TooManyLogins(usize),
     /// An answer is being written where the change would move it.
     #[error("an answer is still being written in this browser: try again when it is done")]
     Busy,
@@ -61,6 +64,7 @@ impl StoreError {
             StoreError::TooManyConversations(_) => "too_many_conversations",
             StoreError::BadLinkCode => "invalid_link",
             StoreError::WouldHide(_) => "would_hide_conversations",
+            StoreError::TooManyLogins(_) => "too_many_logins",
             StoreError::Busy => "already_generating",
             StoreError::Db(_) => "storage_error",
         }

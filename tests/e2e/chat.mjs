@@ -236,7 +236,7 @@ await check("a link signs another browser in as the same user, with its own conv
   await page.dispatchEvent("#search", "input");
   // Alice signs her other browsers out: the linked page says so and starts afresh.
   await page.click("#sign-out-others");
-  await page.waitForSelector("#notice >> text=Signed out");
+  await page.waitForSelector("#notice >> text=Signed out 1 other browser.");
   await p.waitForSelector("#notice >> text=signed out from another device", { timeout: 30000 });
   await p.waitForSelector("#status:has-text('connected')");
   assert((await p.locator("#conversations li").count()) === 0, "the signed-out browser holds nothing");
@@ -244,9 +244,25 @@ await check("a link signs another browser in as the same user, with its own conv
   // The link worked once.
   const again = await browser.newContext();
   const q = await again.newPage();
+  q.on("dialog", (d) => d.accept());
   await q.goto(link);
   await q.waitForSelector("#notice.error >> text=not valid");
   await again.close();
+  // A browser with nothing of its own is asked too, and a "no" uses nothing up.
+  await page.click("#link-device");
+  const fresh = await page.inputValue("#link-url");
+  const other = await browser.newContext();
+  const r = await other.newPage();
+  let answer = false;
+  r.on("dialog", (d) => (answer ? d.accept() : d.dismiss()));
+  await r.goto(fresh);
+  await r.waitForSelector("#notice >> text=the link was not used");
+  await r.waitForSelector("#status:has-text('connected')");
+  assert((await r.locator("#conversations li").count()) === 0, "not signed in");
+  answer = true;
+  await r.goto(fresh);
+  await r.waitForFunction((n) => document.querySelectorAll("#conversations li").length === n + 1, theirs, { timeout: 30000 });
+  await other.close();
   await carol.ctx.close();
 });
 
@@ -359,6 +375,8 @@ await check("phone-sized screen and dark mode", async () => {
   p.on("dialog", (d) => d.accept(d.type() === "prompt" ? "From my phone" : undefined));
   await p.click(".narrow-actions button:has-text('Rename')");
   await p.waitForSelector("#title:has-text('From my phone')");
+  const [download] = await Promise.all([p.waitForEvent("download"), p.click(".narrow-actions button:has-text('Export')")]);
+  assert(download.suggestedFilename() === "From my phone.md", `exported: ${download.suggestedFilename()}`);
   await p.click(".narrow-actions button:has-text('Delete')");
   await p.waitForFunction(() => document.querySelectorAll("#messages li.msg").length === 0);
   const left = await p.evaluate(async () => (await (await fetch("/api/conversations")).json()).conversations.length);
