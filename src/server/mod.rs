@@ -102,7 +102,12 @@ pub(crate) enum NotCreated {
 }
 
 impl NotCreated {
-    pub const TOO_MANY_NEW_USERS: &'static str = "too_many_new_users";
+    pub fn code(&self) -> &'static str {
+        match self {
+            NotCreated::TooManyNewUsers { .. } => "too_many_new_users",
+            NotCreated::Store(e) => e.code(),
+        }
+    }
 }
 
 /// Creates a conversation for `user`, who called with `token` from `client`. When that stores

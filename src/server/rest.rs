@@ -221,11 +221,7 @@ pub async fn create(
     match super::create_conversation(&state, token.as_deref(), user, client, &new).await {
         Ok(c) => (StatusCode::CREATED, Json(c)).into_response(),
         Err(NotCreated::Store(e)) => store_error(e),
-        Err(e @ NotCreated::TooManyNewUsers { .. }) => error(
-            StatusCode::TOO_MANY_REQUESTS,
-            NotCreated::TOO_MANY_NEW_USERS,
-            &e.to_string(),
-        ),
+        Err(e) => error(StatusCode::TOO_MANY_REQUESTS, e.code(), &e.to_string()),
     }
 }
 

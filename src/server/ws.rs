@@ -76,16 +76,13 @@ pub async fn upgrade(
         );
     };
     let limit = state.limits.max_frame_bytes;
-    let caller = Caller {
-        user,
-        token: identity::token(&headers),
-        address: identity::client_address(&state, &headers, peer),
-    };
+    let token = identity::token(&headers);
+    let address = identity::client_address(&state, &headers, peer);
     ws.max_frame_size(limit)
         .max_message_size(limit)
         .on_upgrade(move |socket| async move {
             metrics::gauge!("smolchat_ws_connections").increment(1.0);
-            run(state.clone(), caller, socket).await;
+            run(state.clone(), user, token, address, socket).await;
             metrics::gauge!("smolchat_ws_connections").decrement(1.0);
             drop(slot);
         })
@@ -146,19 +143,13 @@ struct Socket {
     >,
 }
 
-/// Who opened a socket.
-struct Caller {
+async fn run(
+    state: Arc<AppState>,
     user: UserId,
     token: Option<String>,
     address: IpAddr,
-}
-
-async fn run(state: Arc<AppState>, caller: Caller, socket: WebSocket) {
-    let Caller {
-        user,
-        token,
-        address,
-    } = caller;
+    socket: WebSocket,
+) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<Outgoing>(OUTBOX);
     let write_timeout = state.limits.write_timeout;
@@ -355,9 +346,7 @@ impl Socket {
                     .await
                     .map_err(|e| match e {
                         NotCreated::Store(e) => store_refusal(e),
-                        e @ NotCreated::TooManyNewUsers { .. } => {
-                            (NotCreated::TOO_MANY_NEW_USERS, e.to_string())
-                        }
+                        e => (e.code(), e.to_string()),
                     })?;
                 self.send(ServerEvent::ConversationCreated {
                     request_id,

@@ -4,7 +4,7 @@
 
 use sqlx::Row;
 
-use super::{hash_token, now_ms, random_token, Result, Store, StoreError, UserId};
+use super::{hash_token, now_ms, random_token, user_stored, Result, Store, StoreError, UserId};
 
 /// How long a link code can be redeemed, in ms.
 pub const LINK_CODE_TTL_MS: i64 = 10 * 60 * 1000;
@@ -33,11 +33,7 @@ impl Store {
             .bind(user.to_string())
             .execute(&mut *tx)
             .await?;
-        let stored: bool = sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM users WHERE id = ?)")
-            .bind(user.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-        if !stored {
+        if !user_stored(&mut *tx, user).await? {
             return Err(StoreError::NotFound);
         }
         sqlx::query("INSERT INTO link_codes (code_hash, user_id, expires_at) VALUES (?, ?, ?)")

@@ -143,6 +143,16 @@ fn hash_token(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
 }
 
+/// Whether `user` has a row in `users`.
+async fn user_stored<'e>(db: impl sqlx::SqliteExecutor<'e>, user: UserId) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM users WHERE id = ?)")
+            .bind(user.to_string())
+            .fetch_one(db)
+            .await?,
+    )
+}
+
 /// 128 bits of randomness twice over, in hex: a login token or a link code.
 fn random_token() -> String {
     format!(
@@ -321,11 +331,7 @@ impl Store {
         if self.visitor(token) != Some(owner) {
             return Ok(false);
         }
-        let stored: bool = sqlx::query_scalar("SELECT EXISTS(SELECT 1 FROM users WHERE id = ?)")
-            .bind(owner.to_string())
-            .fetch_one(&self.read)
-            .await?;
-        Ok(!stored)
+        Ok(!user_stored(&self.read, owner).await?)
     }
 
     /// A new anonymous user.
@@ -383,7 +389,7 @@ impl Store {
         let Some(visitor) = self.visitor(token) else {
             return Ok(None);
         };
-        let unstored = self.would_store_visitor(token, visitor).await?;
-        Ok(unstored.then_some(visitor))
+        let stored = user_stored(&self.read, visitor).await?;
+        Ok((!stored).then_some(visitor))
     }
 }
