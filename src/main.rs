@@ -101,6 +101,10 @@ struct ServeArgs {
     /// proxy that appends it (else every user behind the proxy shares its address).
     #[arg(long)]
     trust_forwarded_for: bool,
+    /// Serve /metrics only to `Authorization: Bearer TOKEN` (Prometheus: `authorization:
+    /// credentials`). Without it /metrics is open to whoever reaches the server.
+    #[arg(long, env = "SMOLCHAT_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
 }
 
 impl Default for ServeArgs {
@@ -118,6 +122,13 @@ enum Command {
     Token {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
+    },
+    /// Copy the database into a new file, also while the server runs.
+    Backup {
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// The copy to write (a new file).
+        out: PathBuf,
     },
     /// Chat in the terminal.
     Chat {
@@ -265,6 +276,7 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
         conversations_per_user,
         new_users_per_address_per_hour,
         trust_forwarded_for,
+        metrics_token,
     } = serve;
     fetch_if_default(&args.model)?;
     let placement = args.device.resolve()?;
@@ -307,6 +319,7 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
         allowed_origins: allow_origins,
         session_idle: std::time::Duration::from_secs(300),
         trust_forwarded_for,
+        metrics_token: metrics_token.filter(|t| !t.is_empty()),
     };
     Ok(config)
 }
@@ -395,6 +408,11 @@ fn run(mut args: Args) -> Result<()> {
             let store = smolchat::store::Store::open(&data_dir.join("smolchat.db")).await?;
             let user = store.create_user().await?;
             println!("{}", store.create_login(user).await?);
+            Ok(())
+        }),
+        Command::Backup { data_dir, out } => runtime()?.block_on(async {
+            smolchat::store::Store::backup(&data_dir.join("smolchat.db"), &out).await?;
+            tracing::info!(copy = %out.display(), "database backed up");
             Ok(())
         }),
         Command::FetchModel => smolchat::fetch::fetch_default_model(&args.model),

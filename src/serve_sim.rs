@@ -112,6 +112,7 @@ async fn run_job(
                 last = now;
                 trace.tokens += 1;
             }
+            JobEvent::Queued { .. } => {}
             JobEvent::Done(_) | JobEvent::Error(_) => break,
         }
     }

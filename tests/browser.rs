@@ -48,14 +48,15 @@ fn the_page_works_in_a_real_browser() {
         .enable_all()
         .build()
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("smolchat-browser-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let srv = rt
-        .block_on(smolchat::server::start(ServerConfig {
+    let config = |name: &str, scheduler| {
+        let dir =
+            std::env::temp_dir().join(format!("smolchat-browser-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ServerConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir,
-            engine,
-            scheduler: SchedulerConfig::cpu(),
+            engine: engine.clone(),
+            scheduler,
             limits: Limits {
                 messages_per_minute: 100,
                 ..Limits::default()
@@ -63,7 +64,22 @@ fn the_page_works_in_a_real_browser() {
             allowed_origins: vec![],
             session_idle: Duration::from_secs(60),
             trust_forwarded_for: false,
-        }))
+            metrics_token: None,
+        }
+    };
+    let srv = rt
+        .block_on(smolchat::server::start(config(
+            "main",
+            SchedulerConfig::cpu(),
+        )))
+        .unwrap();
+    // One answer at a time, so that the next one waits in the queue.
+    let one_at_a_time = SchedulerConfig {
+        max_running: 1,
+        ..SchedulerConfig::cpu()
+    };
+    let queued = rt
+        .block_on(smolchat::server::start(config("queued", one_at_a_time)))
         .unwrap();
     // A conversation whose stored answer is hostile markdown, as a model might write it.
     let (token, conv) = rt.block_on(async {
@@ -88,10 +104,12 @@ fn the_page_works_in_a_real_browser() {
         .arg(&token)
         .arg(conv.to_string())
         .arg(&artifacts)
+        .arg(format!("http://{}", queued.addr))
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     rt.block_on(srv.shutdown());
+    rt.block_on(queued.shutdown());
     assert!(out.status.success(), "browser checks failed:\n{stdout}");
 }

@@ -253,6 +253,7 @@ async fn the_model_actor_batches_on_the_candle_backend_and_gives_every_block_bac
             while let Some(ev) = rx.recv().await {
                 match ev {
                     JobEvent::Token { id, .. } => ids.push(id),
+                    JobEvent::Queued { .. } => {}
                     JobEvent::Done(_) => return ids,
                     JobEvent::Error(e) => panic!("job failed: {e}"),
                 }

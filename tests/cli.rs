@@ -352,3 +352,38 @@ fn several_prompts_generate_together_with_each_ones_own_tokens() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("99999999"));
 }
+
+#[test]
+fn backup_writes_a_new_file_and_never_overwrites_one() {
+    let dir = std::env::temp_dir().join(format!("smolchat-cli-backup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    let data = data.to_str().unwrap();
+    let out = smolchat(&["token", "--data-dir", data]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = dir.join("copy.db");
+    let copy = copy.to_str().unwrap();
+    let out = smolchat(&["backup", "--data-dir", data, copy]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let size = std::fs::metadata(copy).unwrap().len();
+    assert!(size > 0);
+    let out = smolchat(&["backup", "--data-dir", data, copy]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("exists already"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(copy).unwrap().len(),
+        size,
+        "the copy was left as it was"
+    );
+}

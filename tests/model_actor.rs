@@ -80,6 +80,7 @@ async fn collect(mut rx: mpsc::Receiver<JobEvent>) -> (Vec<u32>, JobDone) {
     while let Some(ev) = rx.recv().await {
         match ev {
             JobEvent::Token { id, .. } => ids.push(id),
+            JobEvent::Queued { .. } => {}
             JobEvent::Done(d) => return (ids, d),
             JobEvent::Error(e) => panic!("job failed: {e}"),
         }
@@ -315,4 +316,38 @@ async fn a_second_turn_reuses_the_warm_cache_of_its_own_conversation_only() {
     assert!(done2.prompt_tokens - done2.cached_tokens < turn2.len() - turn1.len() + 1);
     assert!(status(&actor).await.warm_entries >= 2);
     actor.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_jobs_are_told_how_many_wait_ahead_of_them() {
+    let actor = start(SchedulerConfig {
+        max_running: 1,
+        ..SchedulerConfig::cpu()
+    })
+    .await;
+    let mut rxs = Vec::new();
+    for t in ["Count to twenty.", "Name three colours.", "Say hello."] {
+        let (j, rx) = job(chat(t), 24, None);
+        submit(&actor, j).await.unwrap();
+        rxs.push(rx);
+    }
+    // One at a time: each job's places, all told before its first token.
+    let mut places = Vec::new();
+    for mut rx in rxs {
+        let (mut told, mut tokens) = (Vec::new(), 0);
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                JobEvent::Queued { ahead } => {
+                    assert_eq!(tokens, 0, "a place told after a token");
+                    told.push(ahead);
+                }
+                JobEvent::Token { .. } => tokens += 1,
+                JobEvent::Done(_) => break,
+                JobEvent::Error(e) => panic!("job failed: {e}"),
+            }
+        }
+        assert!(tokens > 0);
+        places.push(told);
+    }
+    assert_eq!(places, vec![vec![], vec![0], vec![1, 0]]);
 }

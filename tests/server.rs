@@ -40,6 +40,7 @@ fn config(name: &str, scheduler: SchedulerConfig, limits: Limits) -> ServerConfi
         allowed_origins: vec![],
         session_idle: Duration::from_secs(30),
         trust_forwarded_for: false,
+        metrics_token: None,
     }
 }
 
@@ -644,6 +645,51 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_answer_only_their_token_when_one_is_set() {
+    let srv = smolchat::server::start(ServerConfig {
+        metrics_token: Some("scrape-s3cret".into()),
+        ..config("metrics-token", SchedulerConfig::cpu(), limits())
+    })
+    .await
+    .unwrap();
+    let user = visitor(srv.addr).await;
+    let user_token = user.trim_start_matches("smolchat_token=").to_owned();
+    let client = reqwest::Client::new();
+    let get = |auth: Option<String>| {
+        let mut r = client.get(format!("http://{}/metrics", srv.addr));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    for auth in [
+        None,
+        Some("Bearer wrong".to_owned()),
+        Some("Bearer scrape-s3cre".to_owned()),
+        Some(format!("Bearer {user_token}")),
+        Some("Basic c2NyYXBlLXMzY3JldA==".to_owned()),
+    ] {
+        let r = get(auth.clone()).await.unwrap();
+        assert_eq!(r.status(), 401, "{auth:?}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "unauthorized");
+    }
+    let r = get(Some("Bearer scrape-s3cret".into())).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    // The rest of the server does not ask for it.
+    let r = reqwest::get(format!("http://{}/healthz", srv.addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_goes_503_while_the_queue_is_full_and_metrics_count() {
     let sched = SchedulerConfig {
         max_running: 1,
@@ -685,6 +731,19 @@ async fn readyz_goes_503_while_the_queue_is_full_and_metrics_count() {
         match next(&mut ws).await["type"].as_str() {
             Some("delta") => deltas += 1,
             Some("message_started") => break,
+            _ => {}
+        }
+    }
+    // b's answer waits behind a's, and the page is told so.
+    loop {
+        let v = next(&mut ws).await;
+        match v["type"].as_str() {
+            Some("delta") => deltas += 1,
+            Some("queued") => {
+                assert_eq!(v["conversation_id"], json!(b), "{v}");
+                assert_eq!(v["ahead"], 0, "{v}");
+                break;
+            }
             _ => {}
         }
     }
@@ -1300,4 +1359,69 @@ async fn close_code(ws: &mut Ws) -> u16 {
             Some(Err(e)) => panic!("socket error: {e}"),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conversation_list_comes_in_pages() {
+    let srv = server("pages", SchedulerConfig::cpu(), limits()).await;
+    let http = reqwest::Client::new();
+    let api = format!("http://{}/api/conversations", srv.addr);
+    let alice = visitor(srv.addr).await;
+    let mallory = visitor(srv.addr).await;
+    for i in 0..7 {
+        let (status, _) = create_from(&srv, &alice, "", json!({"title": format!("c{i}")})).await;
+        assert_eq!(status, 201);
+    }
+    create_from(&srv, &mallory, "", json!({"title": "mine"})).await;
+    let titles = |v: &Value| -> Vec<String> {
+        v["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["title"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = get_json(&http, &api, &alice).await;
+    assert_eq!(all["next"], Value::Null);
+    let all = titles(&all);
+    assert_eq!(all.len(), 7);
+    let mut paged = Vec::new();
+    let mut url = format!("{api}?limit=3");
+    loop {
+        let page = get_json(&http, &url, &alice).await;
+        assert!(titles(&page).len() <= 3, "{page}");
+        paged.extend(titles(&page));
+        match page["next"].as_str() {
+            Some(next) => url = format!("{api}?limit=3&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all, "pages in order, none skipped or repeated");
+    // Exactly one full page: no `next` that leads nowhere.
+    let seven = get_json(&http, format!("{api}?limit=7"), &alice).await;
+    assert_eq!((titles(&seven).len(), &seven["next"]), (7, &Value::Null));
+    // Alice's cursor shows Mallory only her own.
+    let first = get_json(&http, format!("{api}?limit=1"), &alice).await;
+    let next = first["next"].as_str().unwrap();
+    let theirs = get_json(&http, format!("{api}?after={next}"), &mallory).await;
+    assert!(titles(&theirs).iter().all(|t| t == "mine"), "{theirs}");
+    for query in [
+        "limit=0",
+        "limit=5001",
+        "limit=x",
+        "after=nope",
+        "after=1_2",
+        "page=2",
+    ] {
+        let r = http
+            .get(format!("{api}?{query}"))
+            .header("cookie", &alice)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], "invalid_request", "{query}");
+    }
+    srv.shutdown().await;
 }

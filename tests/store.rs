@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use common::{read_only, rows_in};
 
 use smolchat::store::{
-    ConversationPatch, MessageOutcome, MessageStatus, Redeemer, Role, Settings, Store, StoreError,
+    ConversationPatch, ListCursor, MessageOutcome, MessageStatus, Redeemer, Role, Settings, Store,
+    StoreError,
 };
 
 fn db_path(name: &str) -> PathBuf {
@@ -628,4 +629,116 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
         store.user_for_token(&carols_phone).await.unwrap(),
         Some(carol)
     );
+}
+
+#[tokio::test]
+async fn conversations_come_in_pages_that_neither_skip_nor_repeat() {
+    let store = Store::open(&db_path("pages")).await.unwrap();
+    let alice = store.create_user().await.unwrap();
+    let bob = store.create_user().await.unwrap();
+    // Created in a burst, several share a millisecond: the id breaks those ties.
+    for i in 0..7 {
+        store
+            .create_conversation(alice, &format!("c{i}"), "", &Settings::default(), false)
+            .await
+            .unwrap();
+    }
+    store
+        .create_conversation(bob, "bob's", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    let all = store.list_conversations(alice).await.unwrap();
+    assert_eq!(all.len(), 7);
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.conversations_page(alice, after, 3).await.unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        after = Some(ListCursor::after(last));
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    // A cursor is a place in the order, not a key: it shows Bob nothing of Alice's.
+    let cursor = ListCursor::after(&all[0]);
+    let theirs = store
+        .conversations_page(bob, Some(cursor), 10)
+        .await
+        .unwrap();
+    assert!(theirs.iter().all(|c| c.title == "bob's"), "{theirs:?}");
+    assert_eq!(cursor.to_string().parse::<ListCursor>(), Ok(cursor));
+    for bad in ["", "12", "x_y", "12_not-a-uuid"] {
+        assert!(bad.parse::<ListCursor>().is_err(), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn a_backup_copies_a_database_in_use_and_leaves_it_as_it_was() {
+    let path = db_path("backup");
+    let store = Store::open(&path).await.unwrap();
+    let alice = store.create_user().await.unwrap();
+    let c = store
+        .create_conversation(alice, "kept", "", &Settings::default(), false)
+        .await
+        .unwrap();
+    let q = store
+        .add_message(
+            alice,
+            c.id,
+            None,
+            Role::User,
+            "hello",
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    let a = store
+        .add_message(
+            alice,
+            c.id,
+            Some(q.id),
+            Role::Assistant,
+            "",
+            MessageStatus::Streaming,
+        )
+        .await
+        .unwrap();
+    store
+        .checkpoint_message(alice, a.id, "Hi th", "")
+        .await
+        .unwrap();
+    let out = path.with_file_name("copy.db");
+    // While `store` has it open and an answer is being written.
+    Store::backup(&path, &out).await.unwrap();
+    assert_eq!(
+        store.message(alice, a.id).await.unwrap().status,
+        MessageStatus::Streaming,
+        "the database in use is left alone"
+    );
+    let again = Store::backup(&path, &out).await;
+    assert!(
+        matches!(&again, Err(StoreError::Invalid(m)) if m.contains("exists")),
+        "{again:?}"
+    );
+    let missing = Store::backup(
+        &path.with_file_name("none.db"),
+        &path.with_file_name("x.db"),
+    )
+    .await;
+    assert!(
+        matches!(missing, Err(StoreError::Invalid(_))),
+        "{missing:?}"
+    );
+
+    let copy = Store::open(&out).await.unwrap();
+    assert_eq!(
+        copy.list_conversations(alice).await.unwrap()[0].title,
+        "kept"
+    );
+    let m = copy.message(alice, a.id).await.unwrap();
+    assert_eq!(
+        (m.status, m.content.as_str()),
+        (MessageStatus::Interrupted, "Hi th")
+    );
+    assert_eq!(copy.message(alice, q.id).await.unwrap().content, "hello");
 }

@@ -13,6 +13,7 @@ function takeLinkCode() {
   try { return decodeURIComponent(code); } catch { return code; }
 }
 const linkCode = takeLinkCode();
+const LIST_PAGE = 100;
 const state = {
   ws: null,
   backoff: 500,
@@ -22,6 +23,7 @@ const state = {
   pendingText: null,
   thinkingSince: {},
   siblings: {},
+  listed: LIST_PAGE,
 };
 
 function status(text) { $("status").textContent = text; }
@@ -129,10 +131,19 @@ function handle(ev) {
       renderAll();
       break;
     }
+    case "queued": {
+      if (!mine) break;
+      const m = state.messages.find((x) => x.id === ev.message_id);
+      if (!m || m.content || m.reasoning) break;
+      m.ahead = ev.ahead;
+      schedulePatch(m.id);
+      break;
+    }
     case "delta": {
       if (!mine) break;
       const m = state.messages.find((x) => x.id === ev.message_id);
       if (!m) break;
+      delete m.ahead;
       if (ev.channel === "reasoning") m.reasoning += ev.text;
       else {
         if (!m.content && m.reasoning) m.thoughtSeconds = secondsSince(m.id);
@@ -253,10 +264,9 @@ function markdown(text) {
   const div = document.createElement("div");
   div.innerHTML = html;
   for (const pre of div.querySelectorAll("pre")) {
-    const b = document.createElement("button");
+    const code = pre.querySelector("code") || pre;
+    const b = copyButton(() => code.textContent);
     b.className = "copy";
-    b.textContent = "Copy";
-    b.onclick = () => navigator.clipboard?.writeText(pre.innerText.replace(/Copy$/, "")).then(() => (b.textContent = "Copied"));
     pre.append(b);
   }
   for (const a of div.querySelectorAll("a")) {
@@ -302,22 +312,62 @@ function metaElement(m) {
     if (m.finish_reason === "length") meta.append(span("cut at the length limit"));
     if (m.status === "interrupted") meta.append(span("interrupted (the server restarted)"));
     if (m.status === "error") meta.append(span(m.error || "failed"));
+    meta.append(copyButton(() => m.content, "Copy the answer's markdown"));
     meta.append(button("Regenerate", () => send({ type: "regenerate", conversation_id: state.current, message_id: m.id })));
   }
   if (m.role === "user") {
-    meta.append(button("Edit", () => {
-      const text = prompt("Edit your message", m.content);
-      if (text && text.trim()) send({ type: "edit", conversation_id: state.current, message_id: m.id, content: text });
-    }));
+    meta.append(copyButton(() => m.content, "Copy your message"));
+    meta.append(button("Edit", () => editInPlace(m)));
   }
   return meta;
+}
+
+// Edits a question where it stands, lines and all: Send (or Ctrl+Enter) asks it again on a
+// new branch, Cancel (or Escape) puts the message back as it was.
+function editInPlace(m) {
+  const li = messageNode(m.id);
+  const body = li?.querySelector(".body");
+  if (!body) return;
+  const form = document.createElement("form");
+  form.className = "editing";
+  const area = document.createElement("textarea");
+  area.value = m.content;
+  area.rows = Math.min(12, m.content.split("\n").length + 1);
+  area.setAttribute("aria-label", "Edit your message");
+  const cancel = () => form.replaceWith(bodyElement(m));
+  const undo = button("Cancel", cancel);
+  undo.type = "button";
+  const save = document.createElement("button");
+  save.textContent = "Send";
+  form.append(area, save, undo);
+  form.onsubmit = (e) => {
+    e.preventDefault();
+    const content = area.value;
+    if (!content.trim()) return;
+    if (content === m.content) return cancel();
+    // The server's user_message redraws the conversation on the new branch.
+    send({ type: "edit", conversation_id: state.current, message_id: m.id, content });
+  };
+  area.onkeydown = (e) => {
+    if (e.key === "Escape") cancel();
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      form.requestSubmit();
+    }
+  };
+  body.replaceWith(form);
+  area.focus();
 }
 
 function bodyElement(m) {
   const body = document.createElement("div");
   body.className = "body";
   if (m.role === "user") body.textContent = m.content;
-  else body.append(markdown(m.content));
+  else if (m.status === "streaming" && m.ahead !== undefined) {
+    body.append(span(m.ahead ? `Waiting for the model: ${m.ahead} ${m.ahead === 1 ? "answer" : "answers"} ahead of yours…`
+      : "Waiting for the model: yours is next…"));
+    body.classList.add("waiting");
+  } else body.append(markdown(m.content));
   if (m.status === "streaming") body.classList.add("cursor");
   return body;
 }
@@ -345,23 +395,61 @@ function fillReasoning(d, m) {
   if (!thinking && d.dataset.want === "open" && !d.dataset.touched) setOpen(d, false);
 }
 
+// Copies text: through the clipboard API where the page has it (HTTPS, or localhost), else
+// through a selected, unseen text area and the older copy command (a server on a LAN address
+// over plain HTTP gets no clipboard API).
+async function copyText(text) {
+  if (window.isSecureContext && navigator.clipboard) {
+    try { await navigator.clipboard.writeText(text); return true; } catch {}
+  }
+  const focused = document.activeElement;
+  const area = document.createElement("textarea");
+  area.value = text;
+  area.readOnly = true;
+  area.style.cssText = "position:fixed;top:0;left:0;opacity:0";
+  document.body.append(area);
+  area.select();
+  let copied = false;
+  try { copied = document.execCommand("copy"); } catch {}
+  area.remove();
+  focused?.focus?.();
+  return copied;
+}
+function copyButton(text, title = "Copy") {
+  const b = button("Copy", async () => {
+    b.textContent = (await copyText(text())) ? "Copied" : "Copy failed: select it by hand";
+    setTimeout(() => (b.textContent = "Copy"), 2000);
+  });
+  b.title = title;
+  return b;
+}
 function span(text) { const s = document.createElement("span"); s.textContent = text; return s; }
 function button(text, onclick) { const b = document.createElement("button"); b.textContent = text; b.onclick = onclick; return b; }
 
+// The newest conversations, as many as shown so far: "Show older" adds a page of them.
 async function refreshList() {
-  const r = await fetch("/api/conversations");
+  const r = await fetch(`/api/conversations?limit=${state.listed}`);
   if (!r.ok) return;
-  const { conversations } = await r.json();
+  const { conversations, next } = await r.json();
   const current = conversations.find((c) => c.id === state.current);
   if (current) $("title").textContent = current.title || "New chat";
-  $("conversations").replaceChildren(...conversations.map((c) => {
+  const items = conversations.map((c) => {
     const li = document.createElement("li");
     li.textContent = c.title || "New chat";
     li.dataset.id = c.id;
     if (c.id === state.current) li.classList.add("active");
     li.onclick = () => openConversation(c.id);
     return li;
-  }));
+  });
+  if (next) {
+    const more = button("Show older", () => { state.listed += LIST_PAGE; refreshList(); });
+    more.className = "more";
+    const li = document.createElement("li");
+    li.className = "more";
+    li.append(more);
+    items.push(li);
+  }
+  $("conversations").replaceChildren(...items);
 }
 
 function openConversation(id) {
@@ -494,9 +582,7 @@ $("link-device").onclick = async () => {
   link.id = "link-url";
   link.readOnly = true;
   link.value = `${location.origin}/#link=${encodeURIComponent(code)}`;
-  const copy = document.createElement("button");
-  copy.textContent = "Copy";
-  copy.onclick = () => navigator.clipboard?.writeText(link.value).then(() => (copy.textContent = "Copied"));
+  const copy = copyButton(() => link.value);
   $("notice").append(document.createElement("br"), link, copy);
   link.select();
 };

@@ -37,10 +37,16 @@ pub struct GenerationJob {
     pub sink: tmpsc::Sender<JobEvent>,
 }
 
-/// What a job streams back: tokens, then exactly one `Done` or one `Error`.
+/// What a job streams back: tokens, then exactly one `Done` or one `Error`; before its first
+/// token, while it waits for a slot, how many wait ahead of it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JobEvent {
+    /// The job waits for a place in the batch with `ahead` jobs before it (sent when that
+    /// number changes; a job that starts at once gets none).
+    Queued {
+        ahead: usize,
+    },
     Token {
         id: u32,
         /// Text this token completed, by channel (often one piece; empty while a UTF-8

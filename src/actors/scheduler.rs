@@ -83,6 +83,8 @@ struct Pending {
     id: JobId,
     job: GenerationJob,
     submitted: Instant,
+    /// How many were ahead of it when it was last told ([`JobEvent::Queued`]).
+    told: Option<usize>,
 }
 
 /// A job in the running batch.
@@ -159,9 +161,12 @@ impl Scheduler {
             commands.extend(self.rx.try_iter());
             for c in commands {
                 match c {
-                    Command::Submit(id, job, submitted) => {
-                        self.waiting.push_back(Pending { id, job, submitted })
-                    }
+                    Command::Submit(id, job, submitted) => self.waiting.push_back(Pending {
+                        id,
+                        job,
+                        submitted,
+                        told: None,
+                    }),
                     Command::Cancel(id) => self.cancel(id),
                     Command::Shutdown => {
                         for id in self
@@ -181,6 +186,7 @@ impl Scheduler {
             self.outbox
                 .retain_mut(|(sink, backlog)| flush(sink, backlog) && !backlog.is_empty());
             self.admit();
+            self.tell_places();
             if !self.running.is_empty() {
                 self.step();
             }
@@ -204,6 +210,16 @@ impl Scheduler {
                     decode_tokens_per_second: 0.0,
                 });
                 self.outbox.push((p.job.sink, VecDeque::from([done])));
+            }
+        }
+    }
+
+    /// Tells each waiting job how many wait ahead of it, when that changed. A sink with no
+    /// room misses it and is told at the next pass.
+    fn tell_places(&mut self) {
+        for (ahead, p) in self.waiting.iter_mut().enumerate() {
+            if p.told != Some(ahead) && p.job.sink.try_send(JobEvent::Queued { ahead }).is_ok() {
+                p.told = Some(ahead);
             }
         }
     }

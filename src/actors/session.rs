@@ -113,6 +113,11 @@ pub enum SessionEvent {
         message: Message,
         siblings: Vec<MessageId>,
     },
+    /// The answer waits for the model with `ahead` answers (anyone's) before it.
+    Queued {
+        message_id: MessageId,
+        ahead: usize,
+    },
     Delta {
         message_id: MessageId,
         channel: Channel,
@@ -658,6 +663,10 @@ impl SessionState {
         };
         let id = a.message.id;
         match ev {
+            JobEvent::Queued { ahead } => self.broadcast(SessionEvent::Queued {
+                message_id: id,
+                ahead,
+            }),
             JobEvent::Token { mut pieces, .. } => {
                 for (_, text) in pieces.iter_mut().filter(|(_, t)| t.contains('\0')) {
                     // The model can write a NUL byte, which the store does not keep: shown

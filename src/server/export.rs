@@ -1,5 +1,8 @@
 //! A conversation as a Markdown file to download: the branch shown, with each answer's
-//! reasoning folded away and how it ended when it did not end well.
+//! reasoning folded away and how it ended when it did not end well. Headings inside messages
+//! are nested below the file's own, so that no message can forge a turn in its outline.
+
+use pulldown_cmark::{Event, Parser, Tag};
 
 use crate::store::{Conversation, Message, MessageStatus, Role};
 
@@ -12,7 +15,7 @@ pub fn markdown(conversation: &Conversation, messages: &[Message]) -> String {
     let mut out = format!("# {}\n", one_line(title));
     if !conversation.system_prompt.trim().is_empty() {
         out.push_str("\n## System\n\n");
-        out.push_str(conversation.system_prompt.trim_end());
+        out.push_str(&nested(conversation.system_prompt.trim_end()));
         out.push('\n');
     }
     for m in messages {
@@ -23,10 +26,10 @@ pub fn markdown(conversation: &Conversation, messages: &[Message]) -> String {
         });
         if !m.reasoning.trim().is_empty() {
             out.push_str("<details><summary>Reasoning</summary>\n\n");
-            out.push_str(m.reasoning.trim());
+            out.push_str(&nested(m.reasoning.trim()));
             out.push_str("\n\n</details>\n\n");
         }
-        out.push_str(m.content.trim_end());
+        out.push_str(&nested(m.content.trim_end()));
         out.push('\n');
         let ending = match m.status {
             MessageStatus::Complete => None,
@@ -41,6 +44,50 @@ pub fn markdown(conversation: &Conversation, messages: &[Message]) -> String {
             out.push_str(&format!("\n*({e})*\n"));
         }
     }
+    out
+}
+
+/// `text` with each of its headings two levels down (at most `######`): the file's title is
+/// `#` and each turn `##`, so a message's `## You` becomes `#### You`. Code blocks and other
+/// text stay as they were.
+fn nested(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut copied = 0;
+    for (event, range) in Parser::new(text).into_offset_iter() {
+        let Event::Start(Tag::Heading { level, .. }) = event else {
+            continue;
+        };
+        let hashes = "#".repeat((level as usize + 2).min(6));
+        let heading = &text[range.clone()];
+        let body = heading.trim_end();
+        let indent = body.len() - body.trim_start().len();
+        out.push_str(&text[copied..range.start]);
+        out.push_str(&body[..indent]);
+        let marks = body[indent..].bytes().take_while(|&b| b == b'#').count();
+        let atx = marks > 0
+            && matches!(
+                body.as_bytes().get(indent + marks),
+                None | Some(b' ' | b'\t' | b'\n')
+            );
+        if atx {
+            out.push_str(&hashes);
+            out.push_str(&body[indent + marks..]);
+        } else {
+            // A setext heading (its text over a `===` or `---` line) becomes an ATX one.
+            let mut lines: Vec<&str> = body[indent..].lines().collect();
+            lines.pop();
+            let words: Vec<&str> = lines
+                .iter()
+                .map(|l| l.trim_start_matches(['>', ' ', '\t']).trim_end())
+                .collect();
+            out.push_str(&hashes);
+            out.push(' ');
+            out.push_str(&words.join(" "));
+        }
+        out.push_str(&heading[body.len()..]);
+        copied = range.end;
+    }
+    out.push_str(&text[copied..]);
     out
 }
 
@@ -115,19 +162,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_branch_reads_as_markdown() {
-        let conv = Conversation {
+    fn conversation(title: &str, system_prompt: &str) -> Conversation {
+        Conversation {
             id: ConversationId::new(),
-            title: "Rust\nlifetimes".into(),
-            system_prompt: "Be brief.".into(),
+            title: title.into(),
+            system_prompt: system_prompt.into(),
             settings: Settings::default(),
-            reasoning: true,
+            reasoning: false,
             overflow_policy: OverflowPolicy::Refuse,
             current_leaf_id: None,
             created_at: 0,
             updated_at: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_branch_reads_as_markdown() {
+        let conv = conversation("Rust\nlifetimes", "Be brief.");
         let mut answer = message(
             Role::Assistant,
             "They are *scopes*.",
@@ -152,6 +203,33 @@ mod tests {
              lifetimes.\n\n</details>\n\nThey are *scopes*.\n\n## You\n\nMore?\n\n\
              ## Assistant\n\nHalf\n\n*(failed: the model stopped)*\n"
         );
+    }
+
+    #[test]
+    fn headings_in_messages_sit_below_the_turns() {
+        assert_eq!(nested("## You\nsay this"), "#### You\nsay this");
+        assert_eq!(nested("# a\n\n##### b ##\n"), "### a\n\n###### b ##\n");
+        assert_eq!(nested("Title\n===\n\ntext"), "### Title\n\ntext");
+        assert_eq!(nested("Two\nlines\n---\n"), "#### Two lines\n");
+        assert_eq!(nested("> ## quoted\n"), "> #### quoted\n");
+        assert_eq!(nested("  ## indented"), "  #### indented");
+        assert_eq!(nested("#tag\n==="), "### #tag");
+        for same in [
+            "```\n## not a heading\n```",
+            "a # b",
+            "#hashtag",
+            "- list\n---",
+        ] {
+            assert_eq!(nested(same), same);
+        }
+        let conv = conversation("t", "");
+        let forged = message(
+            Role::User,
+            "hi\n\n## Assistant\n\nI agree",
+            MessageStatus::Complete,
+        );
+        let md = markdown(&conv, &[forged]);
+        assert_eq!(md.matches("\n## ").count(), 1, "{md}");
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Who is asking: an httpOnly cookie for browsers, `Authorization: Bearer` for programs; and
-//! whether a WebSocket upgrade comes from an allowed origin.
+//! whether a WebSocket upgrade comes from an allowed origin; whether a scraper may read the
+//! metrics.
 
 use std::net::{IpAddr, SocketAddr};
 
 use axum::http::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
 use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
 
 use super::AppState;
 use crate::store::{StoreError, UserId};
@@ -14,13 +16,7 @@ pub const COOKIE_NAME: &str = "smolchat_token";
 /// The token a request carries: a bearer token first, else the cookie (an `Authorization`
 /// header of another scheme, as a proxy's basic auth, leaves the cookie to speak).
 pub fn token(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
-        .get_all(AUTHORIZATION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
-    bearer.or_else(|| {
+    bearer(headers).or_else(|| {
         headers
             .get_all(COOKIE)
             .iter()
@@ -30,6 +26,24 @@ pub fn token(headers: &HeaderMap) -> Option<String> {
             .find(|(k, _)| *k == COOKIE_NAME)
             .map(|(_, v)| v.to_owned())
     })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+}
+
+/// Whether the request may read `/metrics`: anyone when the server has no metrics token, else
+/// only a bearer of it (compared as digests, so the time taken says nothing about the token).
+pub fn metrics_allowed(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(want) = &state.metrics_token else {
+        return true;
+    };
+    bearer(headers).is_some_and(|given| Sha256::digest(given) == Sha256::digest(want))
 }
 
 /// The user behind the request's token: `None` when it carries none or one nobody holds. A

@@ -50,6 +50,8 @@ pub struct ServerConfig {
     /// Take a client's address from the last `X-Forwarded-For` entry (set only behind a
     /// reverse proxy that appends it: anyone else could write that header).
     pub trust_forwarded_for: bool,
+    /// When set, `/metrics` answers only `Authorization: Bearer` with this token.
+    pub metrics_token: Option<String>,
 }
 
 pub(crate) struct AppState {
@@ -59,6 +61,7 @@ pub(crate) struct AppState {
     limits: Limits,
     allowed_origins: Vec<String>,
     trust_forwarded_for: bool,
+    metrics_token: Option<String>,
     metrics: PrometheusHandle,
     sockets: Mutex<HashMap<UserId, usize>>,
     sends: Mutex<SendLog>,
@@ -215,6 +218,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     };
     let (registry, _) = Actor::spawn(None, SessionRegistry, args).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if config.metrics_token.is_none() && !config.addr.ip().is_loopback() {
+        tracing::warn!(
+            "/metrics is open to anyone who reaches this address: set --metrics-token, or keep \
+             /metrics behind the reverse proxy"
+        );
+    }
     let state = Arc::new(AppState {
         store: store.clone(),
         registry: registry.clone(),
@@ -222,6 +231,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         limits: config.limits,
         allowed_origins: config.allowed_origins,
         trust_forwarded_for: config.trust_forwarded_for,
+        metrics_token: config.metrics_token,
         metrics: metrics_handle(),
         sockets: Mutex::new(HashMap::new()),
         sends: Mutex::new(SendLog::per_minute()),

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE, SET_COOKIE};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE, SET_COOKIE, WWW_AUTHENTICATE,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ractor::call;
@@ -19,8 +21,8 @@ use serde_json::json;
 
 use super::{export, identity, AppState, NewConversation, NotCreated};
 use crate::store::{
-    Conversation, ConversationId, ConversationPatch, Message, Redeemer, StoreError, UserId,
-    LINK_CODE_TTL_MS,
+    Conversation, ConversationId, ConversationPatch, ListCursor, Message, Redeemer, StoreError,
+    UserId, LINK_CODE_TTL_MS,
 };
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
@@ -166,9 +168,19 @@ pub async fn style_css() -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Search one's messages for these words (and ignore the rest).
     q: Option<String>,
+    /// Conversations per page.
+    limit: Option<usize>,
+    /// The `next` of the page before.
+    after: Option<String>,
 }
+
+/// Conversations per page unless `limit` says otherwise, and the most it may say.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 5_000;
 
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -179,22 +191,35 @@ pub async fn list(
         Ok(u) => u,
         Err(r) => return r,
     };
+    let bad = |m: &str| error(StatusCode::BAD_REQUEST, "invalid_request", m);
     let Ok(Query(query)) = query else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "the query string is not `q=<words>`",
-        );
+        return bad("the query string takes `q=<words>`, or `limit=<n>` and `after=<next>`");
     };
-    match query.q.filter(|q| !q.trim().is_empty()) {
-        Some(q) => match state.store.search(user, &q).await {
+    if let Some(q) = query.q.filter(|q| !q.trim().is_empty()) {
+        return match state.store.search(user, &q).await {
             Ok(hits) => Json(json!({ "results": hits })).into_response(),
             Err(e) => store_error(e),
-        },
-        None => match state.store.list_conversations(user).await {
-            Ok(list) => Json(json!({ "conversations": list })).into_response(),
-            Err(e) => store_error(e),
-        },
+        };
+    }
+    let limit = query.limit.unwrap_or(PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return bad(&format!("`limit` is from 1 to {MAX_PAGE}"));
+    }
+    let after = match query.after.as_deref().map(str::parse::<ListCursor>) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(())) => return bad("`after` is not the `next` of a page"),
+    };
+    // One more than asked says whether there is a next page.
+    match state.store.conversations_page(user, after, limit + 1).await {
+        Ok(mut list) => {
+            let next = (list.len() > limit).then(|| {
+                list.truncate(limit);
+                list.last().map(|c| ListCursor::after(c).to_string())
+            });
+            Json(json!({ "conversations": list, "next": next.flatten() })).into_response()
+        }
+        Err(e) => store_error(e),
     }
 }
 
@@ -438,7 +463,17 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !identity::metrics_allowed(&state, &headers) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this server's metrics need Authorization: Bearer with its metrics token",
+        );
+        r.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -7,8 +7,8 @@ use sqlx::Row;
 
 use super::{check_text, now_ms, Result, Store, StoreError};
 use super::{
-    Conversation, ConversationId, ConversationPatch, Message, MessageId, MessageOutcome,
-    MessageStatus, OverflowPolicy, Role, SearchHit, Settings, UserId,
+    Conversation, ConversationId, ConversationPatch, ListCursor, Message, MessageId,
+    MessageOutcome, MessageStatus, OverflowPolicy, Role, SearchHit, Settings, UserId,
 };
 
 /// Longest message content, in bytes.
@@ -161,9 +161,27 @@ impl Store {
 
     /// One's conversations, newest first.
     pub async fn list_conversations(&self, owner: UserId) -> Result<Vec<Conversation>> {
-        let sql = format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE owner_id = ? ORDER BY updated_at DESC, id");
+        self.conversations_page(owner, None, usize::MAX).await
+    }
+
+    /// At most `limit` of one's conversations, newest first, from just after `after`.
+    pub async fn conversations_page(
+        &self,
+        owner: UserId,
+        after: Option<ListCursor>,
+        limit: usize,
+    ) -> Result<Vec<Conversation>> {
+        let sql = format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE owner_id = ?1 \
+             AND (?2 IS NULL OR updated_at < ?2 OR (updated_at = ?2 AND id > ?3)) \
+             ORDER BY updated_at DESC, id LIMIT ?4"
+        );
+        let (at, id) = after.map(|c| (c.updated_at, c.id.to_string())).unzip();
         let rows = sqlx::query(&sql)
             .bind(owner.to_string())
+            .bind(at)
+            .bind(id)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(self.reader())
             .await?;
         rows.iter().map(conversation).collect()

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{ConnectOptions, Connection, Row, Sqlite, Transaction};
 
 pub use links::{Redeemer, LINK_CODE_TTL_MS, MAX_LOGINS};
 pub use types::*;
@@ -125,22 +125,8 @@ pub(crate) fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
 fn hash_token(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// Whether `user` has a row in `users`.
@@ -153,7 +139,7 @@ async fn user_stored<'e>(db: impl sqlx::SqliteExecutor<'e>, user: UserId) -> Res
     )
 }
 
-/// 128 bits of randomness twice over, in hex: a login token or a link code.
+/// Two v4 UUIDs (244 random bits), in hex: a login token or a link code.
 fn random_token() -> String {
     format!(
         "{}{}",
@@ -197,6 +183,39 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// Copies the database at `db` into a new file `out`, as it stands at one moment, while a
+    /// server may be using it: SQLite's `VACUUM INTO` over a read-only connection, so nothing
+    /// in `db` changes (an answer being written is copied as far as it got; opening the copy
+    /// marks it interrupted). The copy is written beside `out` and renamed into place once
+    /// whole.
+    pub async fn backup(db: &Path, out: &Path) -> Result<()> {
+        let refuse = |m: String| Err(StoreError::Invalid(m));
+        if !db.is_file() {
+            return refuse(format!("there is no database at {}", db.display()));
+        }
+        if out.exists() {
+            return refuse(format!("{} exists already: name a new file", out.display()));
+        }
+        let partial = std::path::PathBuf::from(format!("{}.partial", out.display()));
+        let io = |e: std::io::Error| StoreError::Db(sqlx::Error::Io(e));
+        if partial.exists() {
+            std::fs::remove_file(&partial).map_err(io)?;
+        }
+        let mut conn = SqliteConnectOptions::new()
+            .filename(db)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(partial.to_string_lossy())
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        std::fs::rename(&partial, out).map_err(io)?;
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -273,7 +292,7 @@ impl Store {
     pub fn new_visitor(&self) -> (UserId, String) {
         let user = UserId::new();
         let body = format!("{user}.{}", uuid::Uuid::new_v4().simple());
-        let mac = hex(&self.visitor_mac(&body).finalize().into_bytes());
+        let mac = hex::encode(self.visitor_mac(&body).finalize().into_bytes());
         (user, format!("{VISITOR_PREFIX}{body}.{mac}"))
     }
 
@@ -287,9 +306,11 @@ impl Store {
     /// The visitor a visitor token names, if its signature holds.
     fn visitor(&self, token: &str) -> Option<UserId> {
         let (body, mac) = token.strip_prefix(VISITOR_PREFIX)?.rsplit_once('.')?;
-        self.visitor_mac(body).verify_slice(&from_hex(mac)?).ok()?;
+        self.visitor_mac(body)
+            .verify_slice(&hex::decode(mac).ok()?)
+            .ok()?;
         let (id, nonce) = body.split_once('.')?;
-        from_hex(nonce).filter(|n| n.len() == 16)?;
+        hex::decode(nonce).ok().filter(|n| n.len() == 16)?;
         id.parse().ok()
     }
 

@@ -149,6 +149,40 @@ pub struct Conversation {
     pub updated_at: i64,
 }
 
+/// Where a page of one's conversations (newest first) goes on: just after this one. On the
+/// wire `UPDATED_AT_ID`, opaque to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListCursor {
+    pub updated_at: i64,
+    pub id: ConversationId,
+}
+
+impl ListCursor {
+    pub fn after(c: &Conversation) -> Self {
+        Self {
+            updated_at: c.updated_at,
+            id: c.id,
+        }
+    }
+}
+
+impl fmt::Display for ListCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_{}", self.updated_at, self.id)
+    }
+}
+
+impl FromStr for ListCursor {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (at, id) = s.split_once('_').ok_or(())?;
+        Ok(Self {
+            updated_at: at.parse().map_err(|_| ())?,
+            id: id.parse().map_err(|_| ())?,
+        })
+    }
+}
+
 /// Changes to a conversation; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,10 +1,11 @@
 // The smolchat page in a real headless Chromium (Debian's), driven by playwright-core.
-// Usage: node chat.mjs BASE_URL XSS_TOKEN XSS_CONVERSATION_ID ARTIFACT_DIR
+// Usage: node chat.mjs BASE_URL XSS_TOKEN XSS_CONVERSATION_ID ARTIFACT_DIR QUEUED_BASE_URL
+// (QUEUED_BASE_URL: a server that answers one at a time, so that a second answer waits)
 // Prints "N passed, M failed" at the end and exits non-zero on any failure.
 import { chromium } from "playwright-core";
 import { mkdirSync, readFileSync } from "node:fs";
 
-const [base, xssToken, xssConversation, artifacts] = process.argv.slice(2);
+const [base, xssToken, xssConversation, artifacts, queuedBase] = process.argv.slice(2);
 mkdirSync(artifacts, { recursive: true });
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -98,15 +99,26 @@ await check("regenerate makes a second version, and the arrows move between them
 
 await check("edit asks again on a new branch, and the old question stays one arrow away", async () => {
   const most = await watchCount(page, "li.msg.user");
-  page.__dialogAnswer = "What is the capital of Italy?";
+  // Cancel puts the question back as it was.
   await page.locator("li.msg.user .meta button:has-text('Edit')").last().click();
-  page.__dialogAnswer = undefined;
+  await page.fill("li.msg.user form.editing textarea", "changed my mind");
+  await page.click("li.msg.user form.editing button:has-text('Cancel')");
+  await page.waitForSelector("li.msg.user .body >> text=What is the capital of France?");
+  // A question of two lines is asked again, lines and all.
+  await page.locator("li.msg.user .meta button:has-text('Edit')").last().click();
+  await page.fill("li.msg.user form.editing textarea", "What is the capital of Italy?\nOne word, please.");
+  await page.press("li.msg.user form.editing textarea", "Control+Enter");
   await page.waitForSelector("li.msg.user .meta >> text=2/2", { timeout: 60000 });
   await page.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
   const shown = await most();
   assert(shown === 1, `the edit replaces the question on screen (${shown} questions shown at once)`);
   const texts = await page.locator("li.msg").allInnerTexts();
   assert(texts.length === 2 && texts[0].includes("Italy"), `one question and its answer: ${texts}`);
+  const asked = await page.evaluate(async () => {
+    const { messages } = await (await fetch(`/api/conversations/${location.hash.slice(1)}`)).json();
+    return messages.find((m) => m.role === "user").content;
+  });
+  assert(asked === "What is the capital of Italy?\nOne word, please.", `asked with both lines: ${JSON.stringify(asked)}`);
   await page.locator("li.msg.user .meta button[aria-label='previous version']").click();
   await page.waitForSelector("li.msg.user >> text=What is the capital of France?");
   await page.waitForSelector("li.msg.user .meta >> text=1/2");
@@ -357,6 +369,86 @@ await check("markdown from the model renders inert: no script, no handler, no ja
   assert(report.code === 1 && report.bold === 1, `markdown rendered: ${JSON.stringify(report)}`);
   await shot(p, "07-sanitized");
   await ctx.close();
+});
+
+await check("copy buttons copy a code block and a whole answer, with or without the clipboard API", async () => {
+  const ctx = await browser.newContext();
+  await ctx.grantPermissions(["clipboard-read", "clipboard-write"], { origin: base });
+  await ctx.addCookies([{ name: "smolchat_token", value: xssToken, url: base }]);
+  const p = await ctx.newPage();
+  p.on("dialog", (d) => d.dismiss());
+  await p.goto(`${base}/#${xssConversation}`);
+  await p.waitForSelector("li.msg.assistant .body >> text=Here is a table");
+  // A second page of the same browser reads the clipboard (the first may lose its API).
+  const reader = await ctx.newPage();
+  await reader.goto(`${base}/healthz`);
+  const clipboard = () => reader.evaluate(() => navigator.clipboard.readText());
+  const answer = p.locator("li.msg.assistant").last();
+  const code = await answer.locator("pre code").textContent();
+  await answer.locator("pre button.copy").click();
+  await answer.locator("pre button.copy:has-text('Copied')").waitFor();
+  assert((await clipboard()) === code, `the code block copied: ${JSON.stringify(await clipboard())}`);
+
+  // As on a plain-HTTP LAN address, where the page gets no clipboard API.
+  await p.evaluate(() => Object.defineProperty(Navigator.prototype, "clipboard", { get: () => undefined }));
+  await reader.evaluate(() => navigator.clipboard.writeText("before"));
+  const raw = await p.evaluate(async (id) => {
+    const { messages } = await (await fetch(`/api/conversations/${id}`)).json();
+    return messages.filter((m) => m.role === "assistant").pop().content;
+  }, xssConversation);
+  await answer.locator(".meta button:has-text('Copy')").click();
+  await answer.locator(".meta button:has-text('Copied')").waitFor();
+  const got = await clipboard();
+  assert(got === raw && raw.includes("Here is a table"), `the answer's markdown copied without the API: ${JSON.stringify(got)}`);
+  await ctx.close();
+});
+
+await check("a long conversation list shows the newest hundred, and Show older the rest", async () => {
+  const { ctx, page: p } = await newUser();
+  await p.evaluate(async () => {
+    for (let i = 0; i < 101; i++) {
+      const r = await fetch("/api/conversations", {
+        method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ title: `chat ${i}` }),
+      });
+      if (r.status !== 201) throw new Error(`create ${i}: ${r.status}`);
+      if (i === 0) await new Promise((done) => setTimeout(done, 20)); // strictly the oldest
+    }
+  });
+  await p.reload();
+  await p.waitForSelector("#conversations li[data-id]");
+  const shown = () => p.locator("#conversations li[data-id]").allInnerTexts();
+  let titles = await shown();
+  assert(titles.length === 100 && !titles.includes("chat 0"), `the newest hundred: ${titles.length}`);
+  await p.click("#conversations li.more button:has-text('Show older')");
+  await p.waitForFunction(() => document.querySelectorAll("#conversations li[data-id]").length === 101);
+  titles = await shown();
+  assert(titles[100] === "chat 0" && new Set(titles).size === 101, `then the oldest too: ${titles.slice(-2)}`);
+  assert((await p.locator("#conversations li.more").count()) === 0, "nothing older to show");
+  await ctx.close();
+});
+
+await check("an answer that waits for the model says so until it starts", async () => {
+  const open = async () => {
+    const ctx = await browser.newContext();
+    const p = await ctx.newPage();
+    await p.goto(queuedBase);
+    await p.waitForSelector("#status:has-text('connected')");
+    return { ctx, p };
+  };
+  const [first, second] = [await open(), await open()];
+  await second.p.fill("#input", "What is two plus two?");
+  await ask(first.p, "Write a very long story about a lighthouse keeper and her cat.");
+  await first.p.waitForFunction(() => document.querySelector("li.msg.assistant.streaming .body")?.innerText.length > 0,
+    null, { timeout: 30000 });
+  await second.p.press("#input", "Enter");
+  await second.p.waitForSelector("li.msg.assistant.streaming .body.waiting >> text=yours is next", { timeout: 30000 });
+  await shot(second.p, "09-queued");
+  await first.p.click("#stop");
+  await second.p.waitForSelector("li.msg.assistant.complete", { timeout: 60000 });
+  const left = await second.p.locator("li.msg.assistant .body.waiting").count();
+  assert(left === 0 && (await lastAnswer(second.p).innerText()).trim().length > 0, "the note gave way to the answer");
+  await first.ctx.close();
+  await second.ctx.close();
 });
 
 await check("phone-sized screen and dark mode", async () => {
