@@ -319,7 +319,10 @@ fn server_config(args: &Args, serve: ServeArgs) -> Result<smolchat::server::Serv
         allowed_origins: allow_origins,
         session_idle: std::time::Duration::from_secs(300),
         trust_forwarded_for,
-        metrics_token: metrics_token.filter(|t| !t.is_empty()),
+        // Trimmed like the header's (a token read from a file may end in a newline).
+        metrics_token: metrics_token
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()),
     };
     Ok(config)
 }

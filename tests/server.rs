@@ -747,6 +747,11 @@ async fn readyz_goes_503_while_the_queue_is_full_and_metrics_count() {
             _ => {}
         }
     }
+    // A tab opened now learns it from the snapshot.
+    let mut tab = connect(srv.addr, &cookie).await;
+    send(&mut tab, json!({"type":"open","conversation_id":b})).await;
+    let snap = until(&mut tab, "snapshot").await;
+    assert_eq!(snap["streaming"]["ahead"], 0, "{snap}");
     assert_eq!(reqwest::get(url("/readyz")).await.unwrap().status(), 503);
     ws.send(Message::Text("{oops".into())).await.unwrap();
     until(&mut ws, "error").await;
@@ -1405,13 +1410,15 @@ async fn the_conversation_list_comes_in_pages() {
     let next = first["next"].as_str().unwrap();
     let theirs = get_json(&http, format!("{api}?after={next}"), &mallory).await;
     assert!(titles(&theirs).iter().all(|t| t == "mine"), "{theirs}");
+    // A parameter the list does not know is ignored, as before there were pages.
+    let busted = get_json(&http, format!("{api}?_=12345"), &alice).await;
+    assert_eq!(titles(&busted), all);
     for query in [
         "limit=0",
         "limit=5001",
         "limit=x",
         "after=nope",
         "after=1_2",
-        "page=2",
     ] {
         let r = http
             .get(format!("{api}?{query}"))

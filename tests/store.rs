@@ -5,11 +5,13 @@ mod common;
 
 use std::path::PathBuf;
 
+use sqlx::Connection;
+
 use common::{read_only, rows_in};
 
 use smolchat::store::{
-    ConversationPatch, ListCursor, MessageOutcome, MessageStatus, Redeemer, Role, Settings, Store,
-    StoreError,
+    BackupError, ConversationPatch, ListCursor, MessageOutcome, MessageStatus, Redeemer, Role,
+    Settings, Store, StoreError,
 };
 
 fn db_path(name: &str) -> PathBuf {
@@ -633,22 +635,31 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
 
 #[tokio::test]
 async fn conversations_come_in_pages_that_neither_skip_nor_repeat() {
-    let store = Store::open(&db_path("pages")).await.unwrap();
+    let path = db_path("pages");
+    let store = Store::open(&path).await.unwrap();
     let alice = store.create_user().await.unwrap();
     let bob = store.create_user().await.unwrap();
-    // Created in a burst, several share a millisecond: the id breaks those ties.
     for i in 0..7 {
         store
             .create_conversation(alice, &format!("c{i}"), "", &Settings::default(), false)
             .await
             .unwrap();
     }
+    // Four of them changed at the same moment: the id breaks the tie, across page ends too.
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE conversations SET updated_at = 1 WHERE title IN ('c1', 'c2', 'c4', 'c6')")
+        .execute(&mut db)
+        .await
+        .unwrap();
     store
         .create_conversation(bob, "bob's", "", &Settings::default(), false)
         .await
         .unwrap();
     let all = store.list_conversations(alice).await.unwrap();
     assert_eq!(all.len(), 7);
+    assert_eq!(all.iter().filter(|c| c.updated_at == 1).count(), 4);
     let mut paged = Vec::new();
     let mut after = None;
     loop {
@@ -715,20 +726,26 @@ async fn a_backup_copies_a_database_in_use_and_leaves_it_as_it_was() {
         MessageStatus::Streaming,
         "the database in use is left alone"
     );
+    let size = std::fs::metadata(&out).unwrap().len();
     let again = Store::backup(&path, &out).await;
     assert!(
-        matches!(&again, Err(StoreError::Invalid(m)) if m.contains("exists")),
+        matches!(&again, Err(BackupError::Exists(p)) if *p == out),
         "{again:?}"
     );
-    let missing = Store::backup(
-        &path.with_file_name("none.db"),
-        &path.with_file_name("x.db"),
-    )
-    .await;
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len(),
+        size,
+        "the copy is left as it was"
+    );
+    let nowhere = path.with_file_name("x.db");
+    let missing = Store::backup(&path.with_file_name("none.db"), &nowhere).await;
     assert!(
-        matches!(missing, Err(StoreError::Invalid(_))),
+        matches!(missing, Err(BackupError::NoDatabase(_))),
         "{missing:?}"
     );
+    assert!(!nowhere.exists());
+    // Nothing half-written is left beside the copy.
+    assert!(!path.with_file_name("copy.db.partial").exists());
 
     let copy = Store::open(&out).await.unwrap();
     assert_eq!(

@@ -102,7 +102,7 @@ function handle(ev) {
       state.siblings = ev.siblings || {};
       if (ev.streaming) {
         const m = state.messages.find((x) => x.id === ev.streaming.message_id);
-        if (m) Object.assign(m, { content: ev.streaming.content, reasoning: ev.streaming.reasoning, status: "streaming" });
+        if (m) Object.assign(m, { content: ev.streaming.content, reasoning: ev.streaming.reasoning, status: "streaming", ahead: ev.streaming.ahead });
       }
       $("title").textContent = ev.conversation.title || "New chat";
       fillSettings();
@@ -343,12 +343,16 @@ function editInPlace(m) {
   form.onsubmit = (e) => {
     e.preventDefault();
     const content = area.value;
-    if (!content.trim()) return;
+    if (!content.trim() || save.disabled) return;
     if (content === m.content) return cancel();
     // The server's user_message redraws the conversation on the new branch.
-    send({ type: "edit", conversation_id: state.current, message_id: m.id, content });
+    if (send({ type: "edit", conversation_id: state.current, message_id: m.id, content })) {
+      save.disabled = true; // once; a refusal (a notice) lets it be sent again in a moment
+      setTimeout(() => (save.disabled = false), 3000);
+    }
   };
   area.onkeydown = (e) => {
+    if (e.isComposing) return;
     if (e.key === "Escape") cancel();
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
       e.preventDefault();
@@ -409,6 +413,7 @@ async function copyText(text) {
   area.style.cssText = "position:fixed;top:0;left:0;opacity:0";
   document.body.append(area);
   area.select();
+  area.setSelectionRange(0, text.length); // iOS selects nothing with select() alone
   let copied = false;
   try { copied = document.execCommand("copy"); } catch {}
   area.remove();
@@ -427,10 +432,15 @@ function span(text) { const s = document.createElement("span"); s.textContent = 
 function button(text, onclick) { const b = document.createElement("button"); b.textContent = text; b.onclick = onclick; return b; }
 
 // The newest conversations, as many as shown so far: "Show older" adds a page of them.
+// Only the newest request's answer is shown (an older one may come back later).
+let listRequests = 0;
 async function refreshList() {
+  const request = ++listRequests;
   const r = await fetch(`/api/conversations?limit=${state.listed}`);
-  if (!r.ok) return;
+  if (request !== listRequests) return;
+  if (!r.ok) return notice(`The conversation list did not load: ${await errorMessage(r)}`, true);
   const { conversations, next } = await r.json();
+  if (request !== listRequests) return;
   const current = conversations.find((c) => c.id === state.current);
   if (current) $("title").textContent = current.title || "New chat";
   const items = conversations.map((c) => {

@@ -85,6 +85,9 @@ pub struct Partial {
     pub message_id: MessageId,
     pub content: String,
     pub reasoning: String,
+    /// While it waits for the model: how many answers are ahead of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<usize>,
 }
 
 /// What a subscriber gets first: the stored branch and the live partial answer.
@@ -188,6 +191,8 @@ struct Active {
     outcome: Option<MessageOutcome>,
     /// After a failed write: not before this is it tried again.
     retry_at: Option<Instant>,
+    /// While the job waits for the model: how many jobs are ahead of it.
+    ahead: Option<usize>,
 }
 
 pub struct SessionState {
@@ -345,6 +350,7 @@ impl SessionState {
             message_id: a.message.id,
             content: a.content.clone(),
             reasoning: a.reasoning.clone(),
+            ahead: a.ahead,
         });
         if let Some(p) = &streaming {
             for m in messages.iter_mut().filter(|m| m.id == p.message_id) {
@@ -578,6 +584,7 @@ impl SessionState {
             stopped: false,
             outcome: None,
             retry_at: None,
+            ahead: None,
         });
         let siblings = self.versions(Some(user), message.id).await;
         self.broadcast(SessionEvent::MessageStarted { message, siblings });
@@ -663,11 +670,15 @@ impl SessionState {
         };
         let id = a.message.id;
         match ev {
-            JobEvent::Queued { ahead } => self.broadcast(SessionEvent::Queued {
-                message_id: id,
-                ahead,
-            }),
+            JobEvent::Queued { ahead } => {
+                a.ahead = Some(ahead);
+                self.broadcast(SessionEvent::Queued {
+                    message_id: id,
+                    ahead,
+                });
+            }
             JobEvent::Token { mut pieces, .. } => {
+                a.ahead = None;
                 for (_, text) in pieces.iter_mut().filter(|(_, t)| t.contains('\0')) {
                     // The model can write a NUL byte, which the store does not keep: shown
                     // and stored as U+FFFD instead.

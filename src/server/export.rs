@@ -2,7 +2,7 @@
 //! reasoning folded away and how it ended when it did not end well. Headings inside messages
 //! are nested below the file's own, so that no message can forge a turn in its outline.
 
-use pulldown_cmark::{Event, Parser, Tag};
+use pulldown_cmark::{CodeBlockKind, Event, Parser, Tag};
 
 use crate::store::{Conversation, Message, MessageStatus, Role};
 
@@ -48,47 +48,74 @@ pub fn markdown(conversation: &Conversation, messages: &[Message]) -> String {
 }
 
 /// `text` with each of its headings two levels down (at most `######`): the file's title is
-/// `#` and each turn `##`, so a message's `## You` becomes `#### You`. Code blocks and other
-/// text stay as they were.
+/// `#` and each turn `##`, so a message's `## You` becomes `#### You`. A code fence the text
+/// leaves open (an answer cut at the length limit) is closed, or it would swallow the turns
+/// after it. Code blocks and other text stay as they were.
 fn nested(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
     let mut copied = 0;
+    let mut open_fence = None;
     for (event, range) in Parser::new(text).into_offset_iter() {
-        let Event::Start(Tag::Heading { level, .. }) = event else {
-            continue;
-        };
-        let hashes = "#".repeat((level as usize + 2).min(6));
-        let heading = &text[range.clone()];
-        let body = heading.trim_end();
-        let indent = body.len() - body.trim_start().len();
-        out.push_str(&text[copied..range.start]);
-        out.push_str(&body[..indent]);
-        let marks = body[indent..].bytes().take_while(|&b| b == b'#').count();
-        let atx = marks > 0
-            && matches!(
-                body.as_bytes().get(indent + marks),
-                None | Some(b' ' | b'\t' | b'\n')
-            );
-        if atx {
-            out.push_str(&hashes);
-            out.push_str(&body[indent + marks..]);
-        } else {
-            // A setext heading (its text over a `===` or `---` line) becomes an ATX one.
-            let mut lines: Vec<&str> = body[indent..].lines().collect();
-            lines.pop();
-            let words: Vec<&str> = lines
-                .iter()
-                .map(|l| l.trim_start_matches(['>', ' ', '\t']).trim_end())
-                .collect();
-            out.push_str(&hashes);
-            out.push(' ');
-            out.push_str(&words.join(" "));
+        match event {
+            Event::Start(Tag::CodeBlock(CodeBlockKind::Fenced(_))) => {
+                open_fence = unclosed_fence(text, range.clone());
+            }
+            Event::Start(Tag::Heading { level, .. }) => {
+                out.push_str(&text[copied..range.start]);
+                nest_heading(&mut out, &text[range.clone()], level as usize);
+                copied = range.end;
+            }
+            _ => {}
         }
-        out.push_str(&heading[body.len()..]);
-        copied = range.end;
     }
     out.push_str(&text[copied..]);
+    if let Some(fence) = open_fence {
+        out.push('\n');
+        out.push_str(&fence);
+    }
     out
+}
+
+/// Writes `heading` (its source: one ATX line, or a setext heading's lines over their
+/// underline) as an ATX heading of `level + 2`.
+fn nest_heading(out: &mut String, heading: &str, level: usize) {
+    let hashes = "#".repeat((level + 2).min(6));
+    let body = heading.trim_end();
+    let indent = body.len() - body.trim_start().len();
+    out.push_str(&body[..indent]);
+    let lines: Vec<&str> = body[indent..]
+        .split(['\n', '\r'])
+        .filter(|l| !l.is_empty())
+        .collect();
+    out.push_str(&hashes);
+    if let [atx] = lines[..] {
+        out.push_str(atx.trim_start_matches('#'));
+    } else {
+        // Setext: the text over a `===` or `---` line.
+        let words: Vec<&str> = lines[..lines.len() - 1]
+            .iter()
+            .map(|l| l.trim_start_matches(['>', ' ', '\t']).trim_end())
+            .collect();
+        out.push(' ');
+        out.push_str(&words.join(" "));
+    }
+    out.push_str(&heading[body.len()..]);
+}
+
+/// The fence that would close the fenced code block at `range`, if the text ends inside it.
+/// Only for a block at the start of a line: one inside a list or a quote ends with them.
+fn unclosed_fence(text: &str, range: std::ops::Range<usize>) -> Option<String> {
+    let before = text[..range.start].trim_end_matches(' ');
+    if !(before.is_empty() || before.ends_with('\n')) {
+        return None;
+    }
+    let block = text[range].trim_end();
+    let opening = block.lines().next()?.trim_start();
+    let mark = opening.chars().next()?;
+    let width = opening.chars().take_while(|&c| c == mark).count();
+    let closing = block.lines().skip(1).last().map(str::trim);
+    let closed = closing.is_some_and(|l| l.len() >= width && l.chars().all(|c| c == mark));
+    (!closed).then(|| mark.to_string().repeat(width))
 }
 
 /// `Content-Disposition` for the file: the title as its name, an ASCII fallback beside the
@@ -140,6 +167,7 @@ fn one_line(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::store::{ConversationId, MessageId, OverflowPolicy, Settings};
+    use pulldown_cmark::TagEnd;
 
     fn message(role: Role, content: &str, status: MessageStatus) -> Message {
         Message {
@@ -214,6 +242,16 @@ mod tests {
         assert_eq!(nested("> ## quoted\n"), "> #### quoted\n");
         assert_eq!(nested("  ## indented"), "  #### indented");
         assert_eq!(nested("#tag\n==="), "### #tag");
+        assert_eq!(nested("#\x0cTitle"), "###\x0cTitle");
+        assert_eq!(nested("Title\r===\r"), "### Title\r");
+        // An open fence is closed (at the width it opened with); a closed one is left alone.
+        assert_eq!(
+            nested("so:\n````rust\nfn main() {"),
+            "so:\n````rust\nfn main() {\n````"
+        );
+        assert_eq!(nested("~~~\nx\n~~~~\n"), "~~~\nx\n~~~~\n");
+        assert_eq!(nested("```\n"), "```\n\n```");
+        assert_eq!(nested("- ```\n  open in a list"), "- ```\n  open in a list");
         for same in [
             "```\n## not a heading\n```",
             "a # b",
@@ -223,6 +261,25 @@ mod tests {
             assert_eq!(nested(same), same);
         }
         let conv = conversation("t", "");
+        // Nor can an answer cut inside a code block, with a question that closes its fence.
+        let cut = message(Role::Assistant, "```\ncut off", MessageStatus::Complete);
+        let closer = message(
+            Role::User,
+            "```\n## You\nfake\n```",
+            MessageStatus::Complete,
+        );
+        let md = markdown(&conv, &[cut, closer]);
+        let (mut headings, mut in_code, mut fake_in_code) = (0, false, None);
+        for e in Parser::new(&md) {
+            match e {
+                Event::Start(Tag::Heading { .. }) => headings += 1,
+                Event::Start(Tag::CodeBlock(_)) => in_code = true,
+                Event::End(TagEnd::CodeBlock) => in_code = false,
+                Event::Text(t) if t.contains("fake") => fake_in_code = Some(in_code),
+                _ => {}
+            }
+        }
+        assert_eq!((headings, fake_in_code), (3, Some(true)), "{md}");
         let forged = message(
             Role::User,
             "hi\n\n## Assistant\n\nI agree",

@@ -168,7 +168,6 @@ pub async fn style_css() -> Response {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Search one's messages for these words (and ignore the rest).
     q: Option<String>,
@@ -178,8 +177,9 @@ pub struct ListQuery {
     after: Option<String>,
 }
 
-/// Conversations per page unless `limit` says otherwise, and the most it may say.
+/// Conversations per page unless `limit` says otherwise.
 const PAGE: usize = 100;
+/// The most `limit` may say (more where a user may keep more conversations).
 const MAX_PAGE: usize = 5_000;
 
 pub async fn list(
@@ -202,13 +202,14 @@ pub async fn list(
         };
     }
     let limit = query.limit.unwrap_or(PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return bad(&format!("`limit` is from 1 to {MAX_PAGE}"));
+    let most = MAX_PAGE.max(state.limits.conversations_per_user);
+    if !(1..=most).contains(&limit) {
+        return bad(&format!("`limit` is from 1 to {most}"));
     }
     let after = match query.after.as_deref().map(str::parse::<ListCursor>) {
         None => None,
         Some(Ok(c)) => Some(c),
-        Some(Err(())) => return bad("`after` is not the `next` of a page"),
+        Some(Err(e)) => return bad(&e.to_string()),
     };
     // One more than asked says whether there is a next page.
     match state.store.conversations_page(user, after, limit + 1).await {

@@ -171,19 +171,35 @@ impl Store {
         after: Option<ListCursor>,
         limit: usize,
     ) -> Result<Vec<Conversation>> {
-        let sql = format!(
-            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE owner_id = ?1 \
-             AND (?2 IS NULL OR updated_at < ?2 OR (updated_at = ?2 AND id > ?3)) \
-             ORDER BY updated_at DESC, id LIMIT ?4"
-        );
-        let (at, id) = after.map(|c| (c.updated_at, c.id.to_string())).unzip();
-        let rows = sqlx::query(&sql)
-            .bind(owner.to_string())
-            .bind(at)
-            .bind(id)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(self.reader())
-            .await?;
+        // The order of the index `conversations_by_owner`, which a cursor seeks into.
+        let order = "ORDER BY updated_at DESC, id DESC LIMIT ?";
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let owner = owner.to_string();
+        let rows = match after {
+            None => {
+                let sql = format!(
+                    "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE owner_id = ? {order}"
+                );
+                sqlx::query(&sql)
+                    .bind(owner)
+                    .bind(limit)
+                    .fetch_all(self.reader())
+                    .await?
+            }
+            Some(c) => {
+                let sql = format!(
+                    "SELECT {CONVERSATION_COLUMNS} FROM conversations \
+                     WHERE owner_id = ? AND (updated_at, id) < (?, ?) {order}"
+                );
+                sqlx::query(&sql)
+                    .bind(owner)
+                    .bind(c.updated_at)
+                    .bind(c.id.to_string())
+                    .bind(limit)
+                    .fetch_all(self.reader())
+                    .await?
+            }
+        };
         rows.iter().map(conversation).collect()
     }
 

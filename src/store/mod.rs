@@ -73,6 +73,19 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Why [`Store::backup`] wrote no copy.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("there is no database at {}", .0.display())]
+    NoDatabase(std::path::PathBuf),
+    #[error("{} exists already: name a new file", .0.display())]
+    Exists(std::path::PathBuf),
+    #[error("reading the database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("writing the copy: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 fn conversations(n: usize) -> String {
     match n {
         1 => "1 conversation".into(),
@@ -86,6 +99,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0002_fts_skips_streaming.sql"),
     include_str!("../../migrations/0003_server_keys.sql"),
     include_str!("../../migrations/0004_link_codes.sql"),
+    include_str!("../../migrations/0005_conversation_pages.sql"),
 ];
 
 /// A visitor's token: `v1.<user id>.<nonce>.<HMAC-SHA256 of "<user id>.<nonce>">` (the nonce
@@ -188,34 +202,45 @@ impl Store {
     /// Copies the database at `db` into a new file `out`, as it stands at one moment, while a
     /// server may be using it: SQLite's `VACUUM INTO` over a read-only connection, so nothing
     /// in `db` changes (an answer being written is copied as far as it got; opening the copy
-    /// marks it interrupted). The copy is written beside `out` and renamed into place once
-    /// whole.
-    pub async fn backup(db: &Path, out: &Path) -> Result<()> {
-        let refuse = |m: String| Err(StoreError::Invalid(m));
+    /// marks it interrupted). The copy is written beside `out`, synced, and linked into place
+    /// once whole; a file at `out` is never replaced.
+    pub async fn backup(db: &Path, out: &Path) -> std::result::Result<(), BackupError> {
         if !db.is_file() {
-            return refuse(format!("there is no database at {}", db.display()));
+            return Err(BackupError::NoDatabase(db.to_owned()));
         }
         if out.exists() {
-            return refuse(format!("{} exists already: name a new file", out.display()));
+            return Err(BackupError::Exists(out.to_owned()));
         }
         let partial = std::path::PathBuf::from(format!("{}.partial", out.display()));
-        let io = |e: std::io::Error| StoreError::Db(sqlx::Error::Io(e));
         if partial.exists() {
-            std::fs::remove_file(&partial).map_err(io)?;
+            return Err(BackupError::Exists(partial));
         }
-        let mut conn = SqliteConnectOptions::new()
-            .filename(db)
-            .read_only(true)
-            .busy_timeout(Duration::from_secs(10))
-            .connect()
-            .await?;
-        sqlx::query("VACUUM INTO ?")
-            .bind(partial.to_string_lossy())
-            .execute(&mut conn)
-            .await?;
-        conn.close().await?;
-        std::fs::rename(&partial, out).map_err(io)?;
-        Ok(())
+        let copied = async {
+            let mut conn = SqliteConnectOptions::new()
+                .filename(db)
+                .read_only(true)
+                .busy_timeout(Duration::from_secs(10))
+                .connect()
+                .await?;
+            sqlx::query("VACUUM INTO ?")
+                .bind(partial.to_string_lossy())
+                .execute(&mut conn)
+                .await?;
+            conn.close().await?;
+            std::fs::File::open(&partial)?.sync_all()?;
+            // A hard link fails where `out` has appeared meanwhile; rename would replace it.
+            std::fs::hard_link(&partial, out).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => BackupError::Exists(out.to_owned()),
+                _ => BackupError::Io(e),
+            })?;
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok::<_, BackupError>(())
+        }
+        .await;
+        let _ = std::fs::remove_file(&partial);
+        copied
     }
 
     async fn migrate(&self) -> Result<()> {

@@ -172,13 +172,18 @@ impl fmt::Display for ListCursor {
     }
 }
 
+/// A list cursor that is not the `next` of a page.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("`after` is not the `next` of a page")]
+pub struct BadCursor;
+
 impl FromStr for ListCursor {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        let (at, id) = s.split_once('_').ok_or(())?;
+    type Err = BadCursor;
+    fn from_str(s: &str) -> Result<Self, BadCursor> {
+        let (at, id) = s.split_once('_').ok_or(BadCursor)?;
         Ok(Self {
-            updated_at: at.parse().map_err(|_| ())?,
-            id: id.parse().map_err(|_| ())?,
+            updated_at: at.parse().map_err(|_| BadCursor)?,
+            id: id.parse().map_err(|_| BadCursor)?,
         })
     }
 }
