@@ -10,8 +10,8 @@ use sqlx::Connection;
 use common::{read_only, rows_in};
 
 use smolchat::store::{
-    BackupError, ConversationPatch, ListCursor, MessageOutcome, MessageStatus, Redeemer, Role,
-    Settings, Store, StoreError,
+    BackupError, ConversationId, ConversationPatch, ListCursor, Message, MessageOutcome,
+    MessageStatus, Redeemer, Role, Settings, Store, StoreError, UserId,
 };
 
 fn db_path(name: &str) -> PathBuf {
@@ -19,6 +19,43 @@ fn db_path(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("smolchat.db")
+}
+
+/// A first question in `conv`, and its answer still being written: `partial` so far.
+async fn answering(
+    store: &Store,
+    user: UserId,
+    conv: ConversationId,
+    question: &str,
+    partial: &str,
+) -> (Message, Message) {
+    let q = store
+        .add_message(
+            user,
+            conv,
+            None,
+            Role::User,
+            question,
+            MessageStatus::Complete,
+        )
+        .await
+        .unwrap();
+    let a = store
+        .add_message(
+            user,
+            conv,
+            Some(q.id),
+            Role::Assistant,
+            "",
+            MessageStatus::Streaming,
+        )
+        .await
+        .unwrap();
+    store
+        .checkpoint_message(user, a.id, partial, "")
+        .await
+        .unwrap();
+    (q, a)
 }
 
 #[tokio::test]
@@ -30,32 +67,14 @@ async fn branches_titles_and_recovery() {
         .create_conversation(alice, "", "Be brief.", &Settings::default(), false)
         .await
         .unwrap();
-    let u1 = store
-        .add_message(
-            alice,
-            c.id,
-            None,
-            Role::User,
-            "Where do owls live?\nAnd why?",
-            MessageStatus::Complete,
-        )
-        .await
-        .unwrap();
-    let a1 = store
-        .add_message(
-            alice,
-            c.id,
-            Some(u1.id),
-            Role::Assistant,
-            "",
-            MessageStatus::Streaming,
-        )
-        .await
-        .unwrap();
-    store
-        .checkpoint_message(alice, a1.id, "In forests", "")
-        .await
-        .unwrap();
+    let (u1, a1) = answering(
+        &store,
+        alice,
+        c.id,
+        "Where do owls live?\nAnd why?",
+        "In forests",
+    )
+    .await;
     // A streaming answer is not indexed yet (its checkpoints would re-index it every time).
     assert!(store.search(alice, "forests").await.unwrap().is_empty());
     let conv = store.conversation(alice, c.id).await.unwrap();
@@ -692,32 +711,7 @@ async fn a_backup_copies_a_database_in_use_and_leaves_it_as_it_was() {
         .create_conversation(alice, "kept", "", &Settings::default(), false)
         .await
         .unwrap();
-    let q = store
-        .add_message(
-            alice,
-            c.id,
-            None,
-            Role::User,
-            "hello",
-            MessageStatus::Complete,
-        )
-        .await
-        .unwrap();
-    let a = store
-        .add_message(
-            alice,
-            c.id,
-            Some(q.id),
-            Role::Assistant,
-            "",
-            MessageStatus::Streaming,
-        )
-        .await
-        .unwrap();
-    store
-        .checkpoint_message(alice, a.id, "Hi th", "")
-        .await
-        .unwrap();
+    let (q, a) = answering(&store, alice, c.id, "hello", "Hi th").await;
     let out = path.with_file_name("copy.db");
     // While `store` has it open and an answer is being written.
     Store::backup(&path, &out).await.unwrap();

@@ -214,11 +214,11 @@ pub async fn list(
     // One more than asked says whether there is a next page.
     match state.store.conversations_page(user, after, limit + 1).await {
         Ok(mut list) => {
-            let next = (list.len() > limit).then(|| {
-                list.truncate(limit);
-                list.last().map(|c| ListCursor::after(c).to_string())
-            });
-            Json(json!({ "conversations": list, "next": next.flatten() })).into_response()
+            let more = list.len() > limit;
+            list.truncate(limit);
+            let next = list.last().filter(|_| more).map(ListCursor::after);
+            Json(json!({ "conversations": list, "next": next.map(|c| c.to_string()) }))
+                .into_response()
         }
         Err(e) => store_error(e),
     }

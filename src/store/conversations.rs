@@ -171,35 +171,23 @@ impl Store {
         after: Option<ListCursor>,
         limit: usize,
     ) -> Result<Vec<Conversation>> {
-        // The order of the index `conversations_by_owner`, which a cursor seeks into.
-        let order = "ORDER BY updated_at DESC, id DESC LIMIT ?";
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let owner = owner.to_string();
-        let rows = match after {
-            None => {
-                let sql = format!(
-                    "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE owner_id = ? {order}"
-                );
-                sqlx::query(&sql)
-                    .bind(owner)
-                    .bind(limit)
-                    .fetch_all(self.reader())
-                    .await?
-            }
-            Some(c) => {
-                let sql = format!(
-                    "SELECT {CONVERSATION_COLUMNS} FROM conversations \
-                     WHERE owner_id = ? AND (updated_at, id) < (?, ?) {order}"
-                );
-                sqlx::query(&sql)
-                    .bind(owner)
-                    .bind(c.updated_at)
-                    .bind(c.id.to_string())
-                    .bind(limit)
-                    .fetch_all(self.reader())
-                    .await?
-            }
+        // In the order of the index `conversations_by_owner`, which the cursor seeks into.
+        let cursor = match after {
+            Some(_) => "AND (updated_at, id) < (?, ?)",
+            None => "",
         };
+        let sql = format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE owner_id = ? {cursor} \
+             ORDER BY updated_at DESC, id DESC LIMIT ?"
+        );
+        let mut query = sqlx::query(&sql).bind(owner.to_string());
+        if let Some(c) = after {
+            query = query.bind(c.updated_at).bind(c.id.to_string());
+        }
+        let rows = query
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.reader())
+            .await?;
         rows.iter().map(conversation).collect()
     }
 
