@@ -1351,6 +1351,107 @@ async fn a_link_signs_another_browser_in_and_its_conversations_go_on_there() {
     srv.shutdown().await;
 }
 
+/// A browser that redeems a link with `merge` while one of its tabs sends: the question is
+/// stored with its answer, or not at all, whichever comes first; never a question on its own
+/// (its conversation moved between the question's write and its answer's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_and_a_send_at_once_never_leave_a_question_without_its_answer() {
+    let name = "move-race";
+    let srv = server(name, SchedulerConfig::cpu(), limits()).await;
+    let http = reqwest::Client::new();
+    let origin = format!("http://{}", srv.addr);
+    let post = |path: &str, cookie: &str, body: Value| {
+        http.post(format!("{origin}{path}"))
+            .header("cookie", cookie)
+            .header("origin", &origin)
+            .json(&body)
+            .send()
+    };
+    let alice = visitor(srv.addr).await;
+    let mut a = connect(srv.addr, &alice).await;
+    create(&mut a, 4).await;
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for trial in 0..24u64 {
+        let carol = visitor(srv.addr).await;
+        let mut c = connect(srv.addr, &carol).await;
+        let conv = create(&mut c, 4).await;
+        let r = post("/api/link", &alice, json!({})).await.unwrap();
+        assert_eq!(r.status(), 201);
+        let code = r.json::<Value>().await.unwrap()["code"].clone();
+        let ask = json!({"type":"send","request_id":"q","conversation_id":conv,"content":"Hi!"});
+        // The move starts up to 10 ms before the send, or after it: each time at another
+        // point of the other's way.
+        let lead = Duration::from_micros(800 * trial.abs_diff(12));
+        let (_, r) = tokio::join!(
+            async {
+                if trial < 12 {
+                    tokio::time::sleep(lead).await;
+                }
+                send(&mut c, ask).await
+            },
+            async {
+                if trial >= 12 {
+                    tokio::time::sleep(lead).await;
+                }
+                post(
+                    "/api/link/redeem",
+                    &carol,
+                    json!({"code": code, "merge": true}),
+                )
+                .await
+                .unwrap()
+            }
+        );
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        let reply = reply_or_close(&mut c, "q").await;
+        match status {
+            200 => {}
+            409 => assert_eq!(body["code"], "already_generating", "{body}"),
+            _ => panic!("trial {trial}: {status} {body}"),
+        }
+        *outcomes.entry(format!("{status} / {reply}")).or_default() += 1;
+    }
+    eprintln!("move / send outcomes: {outcomes:?}");
+    // Both ways round were tried: moves that went through, and moves refused for a send.
+    assert!(
+        outcomes.keys().any(|k| k.starts_with("200")),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.keys().any(|k| k.starts_with("409")),
+        "{outcomes:?}"
+    );
+    let alone = "messages u WHERE u.role = 'user' \
+                 AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.parent_id = u.id)";
+    assert_eq!(rows(name, alone).await, 0, "{outcomes:?}");
+    assert!(rows(name, "messages WHERE role = 'user'").await > 0);
+    srv.shutdown().await;
+}
+
+/// The code of the answer to request `rid` ("ok" for an ack), or `closed …` when the socket
+/// closes first.
+async fn reply_or_close(ws: &mut Ws, rid: &str) -> String {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("a reply in time");
+        match m {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["request_id"] == rid {
+                    return v["code"].as_str().unwrap_or("ok").to_owned();
+                }
+            }
+            Some(Ok(Message::Close(f))) => {
+                return format!("closed {:?}", f.map(|f| u16::from(f.code)))
+            }
+            Some(Ok(_)) => continue,
+            other => return format!("ended {other:?}"),
+        }
+    }
+}
+
 /// The close code the server ends the socket with (events before it are skipped).
 async fn close_code(ws: &mut Ws) -> u16 {
     loop {

@@ -9,7 +9,7 @@ mod ws;
 
 pub use limits::Limits;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -72,7 +72,46 @@ pub(crate) struct AppState {
     identity_changes: broadcast::Sender<(UserId, &'static str)>,
     /// Per user, the conversations generating, or about to.
     generating: Mutex<HashMap<UserId, HashMap<ConversationId, Generating>>>,
+    /// Users whose conversations are moving to another user (a link redeemed with `merge`);
+    /// locked after `generating` where both are held.
+    moving: Mutex<HashSet<UserId>>,
     shutdown: watch::Receiver<bool>,
+}
+
+impl AppState {
+    /// Marks `user`'s conversations as moving until the guard drops: no answer of theirs
+    /// starts meanwhile, and none may be starting now ([`StoreError::Busy`]). The store
+    /// refuses the move while an answer is streaming, but an answer starts in two writes (the
+    /// question, then its streaming row): a move between them would leave the question
+    /// without its answer, and the answer nowhere to go.
+    fn begin_move(&self, user: UserId) -> Result<MoveGuard<'_>, StoreError> {
+        let generating = lock(&self.generating);
+        let starting = generating
+            .get(&user)
+            .is_some_and(|convs| convs.values().any(|g| g.pending > 0));
+        if starting || !lock(&self.moving).insert(user) {
+            return Err(StoreError::Busy);
+        }
+        Ok(MoveGuard { state: self, user })
+    }
+
+    /// Whether `user`'s conversations are moving (the caller holds `generating`).
+    fn is_moving(&self, user: UserId) -> bool {
+        lock(&self.moving).contains(&user)
+    }
+}
+
+/// Holds a user's conversations still while they move (see [`AppState::begin_move`]); the
+/// mark goes however the request ends, a dropped connection included.
+struct MoveGuard<'a> {
+    state: &'a AppState,
+    user: UserId,
+}
+
+impl Drop for MoveGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.state.moving).remove(&self.user);
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -238,6 +277,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         new_users: Mutex::new(NewUserLog::per_hour()),
         identity_changes: broadcast::channel(64).0,
         generating: Mutex::new(HashMap::new()),
+        moving: Mutex::new(HashSet::new()),
         shutdown: shutdown_rx.clone(),
     });
     let app = router(state);

@@ -398,6 +398,14 @@ pub async fn redeem_link(
     let by = current
         .zip(token.as_deref())
         .map(|(user, token)| Redeemer { user, token });
+    // Held until the move is stored (or refused).
+    let _moving = match current.filter(|_| redeem.merge) {
+        Some(user) => match state.begin_move(user) {
+            Ok(guard) => Some(guard),
+            Err(e) => return store_error(e),
+        },
+        None => None,
+    };
     match state
         .store
         .redeem_link_code(redeem.code.trim(), by, redeem.merge)

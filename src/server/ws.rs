@@ -582,6 +582,12 @@ impl Socket {
             }
         }
         let mut generating = lock(&st.generating);
+        if st.is_moving(self.user) {
+            return Err((
+                "conversations_moving",
+                "this browser's conversations are moving to another sign-in: try again".into(),
+            ));
+        }
         let set = generating.entry(self.user).or_default();
         // Those found idle are no longer started; they go unless a request for them is
         // admitted and not yet answered (whatever their session said meanwhile).
