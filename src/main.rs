@@ -29,8 +29,9 @@ struct Args {
     /// answers, else the CPU), cpu, cuda, cuda:N, or candle-cpu (the GPU code on the CPU).
     #[arg(long, global = true, env = "SMOLCHAT_DEVICE", default_value = "auto")]
     device: DeviceChoice,
-    /// How the CPU keeps each conversation's keys and values: f16, or q8 (8-bit with a scale per
-    /// 32 values: about half the memory and faster attention on long chats, slightly less exact).
+    /// How the CPU keeps each conversation's keys and values: f16; q8 (8-bit with a scale per 32
+    /// values: about half the memory and faster attention on long chats, slightly less exact);
+    /// or k8v4 (keys so, values in 4 bits: about 40 % of f16, less exact again).
     #[arg(long, global = true, env = "SMOLCHAT_KV_CACHE", default_value = "f16")]
     kv_cache: KvCache,
     #[command(subcommand)]
@@ -46,6 +47,7 @@ fn within(range: impl std::ops::RangeBounds<u64>) -> clap::builder::RangedU64Val
 enum KvCache {
     F16,
     Q8,
+    K8v4,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -592,6 +594,7 @@ impl From<KvCache> for KvFormat {
         match k {
             KvCache::F16 => KvFormat::F16,
             KvCache::Q8 => KvFormat::Q8,
+            KvCache::K8v4 => KvFormat::K8V4,
         }
     }
 }

@@ -136,15 +136,18 @@ fn perplexity_of_plain_english_is_sane() {
         "--ctx",
         "128",
     ];
-    let q8 = last_json(&smolchat(&[&["--kv-cache", "q8"], &args[..]].concat()));
-    let ppl8 = q8["perplexity"].as_f64().unwrap();
-    assert!(
-        ppl8 != ppl && (ppl8 / ppl - 1.0).abs() < 0.05,
-        "{ppl8} vs {ppl}"
-    );
+    // And with 4-bit values.
+    for format in ["q8", "k8v4"] {
+        let q = last_json(&smolchat(&[&["--kv-cache", format], &args[..]].concat()));
+        let pq = q["perplexity"].as_f64().unwrap();
+        assert!(
+            pq != ppl && (pq / ppl - 1.0).abs() < 0.05,
+            "{format}: {pq} vs {ppl}"
+        );
+    }
     let bad = smolchat(&[&["--kv-cache", "q4"], &args[..]].concat());
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values: f16, q8"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values: f16, q8, k8v4"));
 }
 
 #[test]

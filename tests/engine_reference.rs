@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::reference::{all_logits, check_smollm2, check_variant, packed_and_alone, SMOLLM2_TOL};
+use common::reference::{
+    all_logits, check_smollm2, check_smollm2_greedy, check_variant, packed_and_alone, Ties,
+    SMOLLM2_TOL,
+};
 use common::{data, ids, json, jsonl};
 use smolchat::engine::gguf::GgufFile;
 use smolchat::engine::{Architecture, ChatMessage, Engine, EngineError, KvFormat, Model};
@@ -149,19 +152,82 @@ fn smollm2_logits_and_greedy_tokens_match_transformers() {
     check_smollm2(&engine.model, SMOLLM2_TOL, 1.0);
 }
 
+/// How far a quantized KV cache may move the model, as measured with the default model.
+struct CacheBounds {
+    format: KvFormat,
+    /// Top-10 logits against transformers (f16: ~0.56).
+    logits: f32,
+    /// Greedy tokens as transformers', up to a step whose gap is below this (and with
+    /// [`Ties::AfterTheStep`], that step too).
+    gap_min: f64,
+    ties: Ties,
+    /// Perplexity on 512 tokens of this README, relative to f16's.
+    perplexity: f64,
+    /// Mean top-10 logit difference from the f16 cache.
+    mean_diff: f32,
+    /// Share of a prompt's positions whose most likely token is f16's.
+    same_top1: f64,
+    /// Bytes against an f16 cache's.
+    bytes: std::ops::Range<f64>,
+}
+
 #[test]
-fn an_8bit_kv_cache_stays_within_the_references_at_half_the_memory() {
+fn quantized_kv_caches_stay_within_the_references_in_less_memory() {
+    // 8-bit: top-10 logits move by up to ~0.76 against transformers (the shift is mostly
+    // common to all candidates); perplexity +0.4 % over this README and the design notes;
+    // against f16 the top-10 logits differ by ~0.3 on average (up to ~2 at a near-tie).
+    // 8-bit keys with 4-bit values (measured): perplexity +0.6 %; the top-10 logits differ
+    // from f16's by ~0.65 on average, and the most likely token is f16's at 32 of 37
+    // positions (the others near-ties, as the first step of one reference prompt, whose two
+    // best are 0.235 apart).
+    for bounds in [
+        CacheBounds {
+            format: KvFormat::Q8,
+            logits: 1.0,
+            gap_min: 1.0,
+            ties: Ties::AfterTheStep,
+            perplexity: 0.02,
+            mean_diff: 0.5,
+            same_top1: 0.9,
+            bytes: 0.53..0.54,
+        },
+        CacheBounds {
+            format: KvFormat::K8V4,
+            logits: 1.5,
+            gap_min: 0.5,
+            ties: Ties::AtTheStep,
+            perplexity: 0.02,
+            mean_diff: 1.0,
+            same_top1: 0.8,
+            bytes: 0.40..0.41,
+        },
+    ] {
+        check_quantized_cache(&bounds);
+    }
+    // A model whose heads cannot be split into 32s is refused (the tiny fixture models have
+    // 16).
+    let mut tiny =
+        Model::from_gguf(&GgufFile::open(&data("tiny-smollm3/tiny-smollm3-q8_0.gguf")).unwrap())
+            .unwrap();
+    for format in [KvFormat::Q8, KvFormat::K8V4] {
+        assert!(matches!(
+            tiny.set_kv_format(format),
+            Err(EngineError::Unsupported(_))
+        ));
+    }
+}
+
+fn check_quantized_cache(bounds: &CacheBounds) {
     let open =
         || Model::from_gguf(&GgufFile::open(&common::default_model_path()).unwrap()).unwrap();
+    let name = format!("{:?}", bounds.format);
     let mut model = open();
-    model.set_kv_format(KvFormat::Q8).unwrap();
-    // Top-10 logits move by up to ~0.76 against transformers (f16: ~0.56; the shift is mostly
-    // common to all candidates), so the bound is 1.0; greedy tokens as with f16; packed = alone.
-    check_smollm2(&model, 1.0, 1.0);
+    model.set_kv_format(bounds.format).unwrap();
+    // Greedy tokens as transformers' until a near-tie; packed = alone.
+    check_smollm2_greedy(&model, bounds.logits, bounds.gap_min, bounds.ties);
     let (packed, alone) = packed_and_alone(&model, 12);
-    assert_eq!(packed, alone);
-    // What it costs in prediction: perplexity on 512 tokens of English within 2 % of f16's
-    // (measured +0.4 % over this README and the design notes).
+    assert_eq!(packed, alone, "{name}");
+    // What it costs in prediction.
     let f16 = open();
     let text = include_str!("../README.md");
     let mut tokens = common::default_engine()
@@ -182,12 +248,14 @@ fn an_8bit_kv_cache_stays_within_the_references_at_half_the_memory() {
             .sum();
         (nll / (tokens.len() - 1) as f64).exp()
     };
-    let (p8, p16) = (ppl(&model), ppl(&f16));
-    eprintln!("perplexity: 8-bit KV {p8:.3}, f16 KV {p16:.3}");
-    assert!((p8 / p16 - 1.0).abs() < 0.02, "{p8} vs {p16}");
-    // It is really used: other logits than f16's, close to them, in half the bytes. Over each
-    // position's ten most likely tokens the two differ by ~0.3 on average (up to ~2 at a
-    // near-tie), and the most likely token is nearly always the same.
+    let (pq, p16) = (ppl(&model), ppl(&f16));
+    eprintln!("perplexity: {name} KV {pq:.3}, f16 KV {p16:.3}");
+    assert!(
+        (pq / p16 - 1.0).abs() < bounds.perplexity,
+        "{name}: {pq} vs {p16}"
+    );
+    // It is really used: other logits than f16's, close to them, in fewer bytes; the most
+    // likely token is nearly always the same.
     let prompt = ids(&json("smollm2/reference.json")["prompts"][0]["prompt_ids"]);
     let (a, b) = (all_logits(&model, &prompt), all_logits(&f16, &prompt));
     let (mut diffs, mut same_top1) = (vec![], 0);
@@ -199,33 +267,29 @@ fn an_8bit_kv_cache_stays_within_the_references_at_half_the_memory() {
     }
     let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
     eprintln!(
-        "8-bit against f16 KV cache: top-10 logits differ by {mean:.3} on average; same top-1 at {same_top1} of {} positions",
+        "{name} against f16 KV cache: top-10 logits differ by {mean:.3} on average; same top-1 at {same_top1} of {} positions",
         a.len()
     );
-    assert!(mean > 0.0 && mean < 0.5, "{mean}");
-    assert!(same_top1 * 10 >= a.len() * 9, "{same_top1} of {}", a.len());
-    let (mut q8, mut half) = (model.new_cache(), f16.new_cache());
-    q8.grow(1000);
+    assert!(mean > 0.0 && mean < bounds.mean_diff, "{name}: {mean}");
+    assert!(
+        same_top1 as f64 >= a.len() as f64 * bounds.same_top1,
+        "{name}: {same_top1} of {}",
+        a.len()
+    );
+    let (mut quantized, mut half) = (model.new_cache(), f16.new_cache());
+    quantized.grow(1000);
     half.grow(1000);
-    let ratio = q8.bytes() as f64 / half.bytes() as f64;
-    assert!((0.55..0.57).contains(&ratio), "{ratio}");
-    // A cache of the other format is refused, and so is a model whose heads cannot be split
-    // into 32s (the tiny fixture models have 16).
+    let ratio = quantized.bytes() as f64 / half.bytes() as f64;
+    assert!(bounds.bytes.contains(&ratio), "{name}: {ratio}");
+    // A cache of the other format is refused.
     let tokens = [1u32];
     assert!(matches!(
         f16.forward(&mut [smolchat::engine::SeqInput {
             tokens: &tokens,
-            cache: &mut q8,
+            cache: &mut quantized,
             logits: smolchat::engine::Logits::Last,
         }]),
         Err(EngineError::CacheShape)
-    ));
-    let mut tiny =
-        Model::from_gguf(&GgufFile::open(&data("tiny-smollm3/tiny-smollm3-q8_0.gguf")).unwrap())
-            .unwrap();
-    assert!(matches!(
-        tiny.set_kv_format(KvFormat::Q8),
-        Err(EngineError::Unsupported(_))
     ));
 }
 
@@ -321,4 +385,50 @@ fn the_streaming_detokenizer_never_splits_a_character_and_the_splitter_finds_thi
     assert_eq!(out + &dec.finish(), text);
     assert_eq!(reasoning, "why?");
     assert_eq!(answer, "Café 🦉 naïve — Answer: 42 ✓");
+}
+
+/// Resident kB of the mapping that holds address `at` (this process's `/proc/self/smaps`).
+fn resident_kb(at: usize) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let range = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = range.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&at);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                return kb.trim().trim_end_matches(" kB").parse().unwrap();
+            }
+        }
+    }
+    panic!("no mapping holds {at:#x}")
+}
+
+#[test]
+fn the_model_file_is_given_back_after_loading_and_stays_so() {
+    if !smolchat::engine::simd::has_avx2() {
+        return; // without the interleaved copies the kernels read the file itself
+    }
+    let f = GgufFile::open(&common::default_model_path()).unwrap();
+    let model = Model::from_gguf(&f).unwrap();
+    let at = (*f.shared_bytes()).as_ref().as_ptr() as usize;
+    let after_load = resident_kb(at);
+    // A thousand different tokens, spread over the vocabulary: their embeddings are looked up
+    // in the interleaved copy, so none of the file's 98 MB comes back (each look-up in the file
+    // mapped its page and, by the kernel's fault-around, up to 64 KB of neighbours).
+    let vocab = model.cfg.vocab_size as u32;
+    let tokens: Vec<u32> = (0..1000).map(|i| (i * 97 + 5) % vocab).collect();
+    let mut cache = model.new_cache();
+    model.prefill(&mut cache, &tokens, 512).unwrap();
+    let after_use = resident_kb(at);
+    eprintln!("model file resident: {after_load} kB after loading, {after_use} kB after use");
+    assert!(
+        after_load < 256 && after_use < 256,
+        "{after_load} / {after_use} kB"
+    );
 }

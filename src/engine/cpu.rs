@@ -41,6 +41,19 @@ impl CpuWeights {
         }
     }
 
+    /// Whether some matrix is read from the loaded file (no interleaved copy of it).
+    pub fn borrows_the_file(&self) -> bool {
+        let w = &self.w;
+        let per_layer = w
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        [&w.embed, &w.output]
+            .into_iter()
+            .chain(per_layer)
+            .any(|m| m.borrows_its_bytes())
+    }
+
     /// Runs one packed step over a checked batch (see [`super::model::Model::forward`]).
     pub fn forward(
         &self,
@@ -227,6 +240,7 @@ fn attention(
                     KvRows::Q8(q, d) => {
                         simd::scores_q8((q, d), qrow, (group, hd), scale, out, upto)
                     }
+                    KvRows::Q4(..) => unreachable!("keys are never stored in 4 bits"),
                 }
                 p0 += blk.values() / hd;
             }
@@ -240,6 +254,7 @@ fn attention(
                 match blk {
                     KvRows::F16(v) => simd::weighted_sum_f16(v, w, (group, hd), upto, dst),
                     KvRows::Q8(q, d) => simd::weighted_sum_q8((q, d), w, (group, hd), upto, dst),
+                    KvRows::Q4(q, d) => simd::weighted_sum_q4((q, d), w, (group, hd), upto, dst),
                 }
                 p0 += blk.values() / hd;
             }

@@ -168,6 +168,19 @@ impl GgufFile {
         }
     }
 
+    /// [`Self::release`] for the whole file, header and all (once nothing reads it but a
+    /// slow path, which would fault its pages back).
+    pub fn release_all(&self) {
+        // SAFETY: as in `release`.
+        let r = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, self.mmap.len())
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "madvise failed; pages stay resident");
+        }
+    }
+
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
         &self.mmap[t.start..t.start + t.len]
     }

@@ -80,6 +80,31 @@ pub fn interleave(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<u8
     out
 }
 
+/// Row `r` of `cols` values back in its GGUF bytes, from `packed` (what [`interleave`] gave
+/// for `ty`): an embedding look-up reads the copy, so the mapped file stays given back.
+pub fn row_of(ty: GgmlType, packed: &[u8], cols: usize, r: usize, out: &mut Vec<u8>) {
+    let nb = cols / 32;
+    let (g, lane) = (r / 8, r % 8);
+    let span = group_block(ty);
+    out.clear();
+    for b in 0..nb {
+        let blk = &packed[(g * nb + b) * span..][..span];
+        out.extend_from_slice(&blk[2 * lane..2 * lane + 2]);
+        let (first, vectors) = match ty {
+            GgmlType::Q8_0 => (16, 8),
+            GgmlType::Q4_1 => {
+                out.extend_from_slice(&blk[16 + 2 * lane..16 + 2 * lane + 2]);
+                (32, 4)
+            }
+            _ => (32, 4),
+        };
+        for v in 0..vectors {
+            let at = first + 32 * v + 4 * lane;
+            out.extend_from_slice(&blk[at..at + 4]);
+        }
+    }
+}
+
 /// A kernel over one group: `out[a][0..8] = Σ` over the 8 rows of group data `w` (all blocks)
 /// against activation rows `rows[a]`. Each activation row's arithmetic is independent of how
 /// many are passed.
@@ -327,6 +352,21 @@ mod tests {
             }
         }
         all
+    }
+
+    #[test]
+    fn each_row_comes_back_from_the_interleaved_copy() {
+        let (rows, cols) = (24, 96);
+        let mut row = Vec::new();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let data = raw(ty, rows, cols);
+            let il = interleave(ty, &data, rows, cols);
+            let rb = data.len() / rows;
+            for r in 0..rows {
+                row_of(ty, &il, cols, r, &mut row);
+                assert_eq!(row, &data[r * rb..(r + 1) * rb], "{ty:?} row {r}");
+            }
+        }
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! On the CPU a [`KvBlock`] holds K and V of [`HOST_BLOCK_LEN`] positions for every layer and KV
 //! head, laid out so that one head's positions are contiguous: in f16, or (`KvFormat::Q8`) in signed
-//! bytes with one f32 scale per 32 values — about half the memory, and half the bytes attention
-//! reads each step. On a device the blocks live in
+//! bytes with one f16 scale per 32 values — about half the memory, and half the bytes attention
+//! reads each step — or (`KvFormat::K8V4`) keys so and values in 4 bits, about 40 % of f16.
+//! On a device the blocks live in
 //! the backend's per-layer slabs and the cache holds only their ids, handed out by a
 //! [`BlockPool`]. Growing the cache appends a block; nothing is ever re-concatenated. The caller
 //! owns caches: it keeps one per sequence, frees it, or keeps it warm and truncates it to a
@@ -34,6 +35,18 @@ pub enum KvFormat {
     F16,
     /// 8-bit: `x ≈ d·q` per 32 values (needs a head size that is a multiple of 32).
     Q8,
+    /// Keys as [`KvFormat::Q8`], values in 4 bits: `x ≈ d·(q − 8)` per 32 values. Values are
+    /// only ever summed with softmax weights, so their error averages out where keys' would
+    /// move the weights themselves.
+    K8V4,
+}
+
+impl KvFormat {
+    /// Whether values are stored in 8 bits or fewer (which needs a head size that is a
+    /// multiple of [`Q8_GROUP`], and the CPU backend).
+    pub fn is_quantized(self) -> bool {
+        self != KvFormat::F16
+    }
 }
 
 /// Values that share one scale in a [`KvFormat::Q8`] cache.
@@ -70,9 +83,12 @@ impl KvShape {
 
     fn bytes_of(&self, positions: usize) -> usize {
         let elems = self.block_elems(positions);
+        let scales = elems / Q8_GROUP * 2;
         match self.format {
             KvFormat::F16 => elems * 2,
-            KvFormat::Q8 => elems + elems / Q8_GROUP * 4,
+            KvFormat::Q8 => elems + scales,
+            // Half the values are keys (a byte each), half values (a nibble each).
+            KvFormat::K8V4 => elems / 2 + elems / 4 + scales,
         }
     }
 
@@ -90,18 +106,31 @@ impl KvShape {
 pub enum KvBlock {
     F16(Box<[f16]>),
     /// Values, and one scale per [`Q8_GROUP`] values in the same order.
-    Q8(Box<[i8]>, Box<[f32]>),
+    Q8(Box<[i8]>, Box<[f16]>),
+    /// Keys as in `Q8`, then values two to a byte (element `2i` in the low nibble of byte `i`),
+    /// each with one scale per [`Q8_GROUP`]; both in the order of an f16 block without its
+    /// other half.
+    K8V4 {
+        k: Box<[i8]>,
+        kd: Box<[f16]>,
+        v: Box<[u8]>,
+        vd: Box<[f16]>,
+    },
 }
 
 impl KvBlock {
     fn new(shape: &KvShape) -> Self {
         let elems = shape.block_elems(HOST_BLOCK_LEN);
+        let zeros = |n: usize| vec![f16::ZERO; n].into_boxed_slice();
         match shape.format {
-            KvFormat::F16 => KvBlock::F16(vec![f16::ZERO; elems].into_boxed_slice()),
-            KvFormat::Q8 => KvBlock::Q8(
-                vec![0; elems].into_boxed_slice(),
-                vec![0.0; elems / Q8_GROUP].into_boxed_slice(),
-            ),
+            KvFormat::F16 => KvBlock::F16(zeros(elems)),
+            KvFormat::Q8 => KvBlock::Q8(vec![0; elems].into_boxed_slice(), zeros(elems / Q8_GROUP)),
+            KvFormat::K8V4 => KvBlock::K8V4 {
+                k: vec![0; elems / 2].into_boxed_slice(),
+                kd: zeros(elems / 2 / Q8_GROUP),
+                v: vec![0; elems / 4].into_boxed_slice(),
+                vd: zeros(elems / 2 / Q8_GROUP),
+            },
         }
     }
 }
@@ -273,8 +302,14 @@ impl KvCache {
         }
     }
 
+    /// Where one head's rows start in a block: among all K and V (f16, q8), or among keys
+    /// or values alone (k8v4, which keeps them apart).
     fn offset(&self, layer: usize, is_v: usize, head: usize) -> usize {
-        ((layer * 2 + is_v) * self.shape.n_kv_heads + head) * self.shape.head_span()
+        let kv_index = match self.shape.format {
+            KvFormat::K8V4 => layer,
+            _ => layer * 2 + is_v,
+        };
+        (kv_index * self.shape.n_kv_heads + head) * self.shape.head_span()
     }
 
     /// Writes K and V of one position, all heads (`k`, `v`: `n_kv_heads × head_dim`).
@@ -288,14 +323,17 @@ impl KvCache {
                     panic!("host write to a device KV cache")
                 };
                 let src = &src[h * hd..(h + 1) * hd];
-                match &mut blocks[b] {
+                let groups = o / Q8_GROUP..(o + hd) / Q8_GROUP;
+                use super::quant::{quantize_q4_groups, quantize_q8_groups};
+                match (&mut blocks[b], is_v) {
                     // F16C when the CPU has it (half detects it at run time).
-                    KvBlock::F16(data) => data[o..o + hd].convert_from_f32_slice(src),
-                    KvBlock::Q8(q, d) => super::quant::quantize_q8_groups(
-                        src,
-                        &mut q[o..o + hd],
-                        &mut d[o / Q8_GROUP..(o + hd) / Q8_GROUP],
-                    ),
+                    (KvBlock::F16(data), _) => data[o..o + hd].convert_from_f32_slice(src),
+                    (KvBlock::Q8(q, d), _) | (KvBlock::K8V4 { k: q, kd: d, .. }, 0) => {
+                        quantize_q8_groups(src, &mut q[o..o + hd], &mut d[groups])
+                    }
+                    (KvBlock::K8V4 { v, vd, .. }, _) => {
+                        quantize_q4_groups(src, &mut v[o / 2..(o + hd) / 2], &mut vd[groups])
+                    }
                 }
             }
         }
@@ -317,9 +355,12 @@ impl KvCache {
             .enumerate()
             .map(move |(b, blk)| {
                 let end = o + (upto - b * HOST_BLOCK_LEN).min(HOST_BLOCK_LEN) * hd;
+                let groups = o / Q8_GROUP..end / Q8_GROUP;
                 match blk {
                     KvBlock::F16(data) => KvRows::F16(&data[o..end]),
-                    KvBlock::Q8(q, d) => KvRows::Q8(&q[o..end], &d[o / Q8_GROUP..end / Q8_GROUP]),
+                    KvBlock::Q8(q, d) => KvRows::Q8(&q[o..end], &d[groups]),
+                    KvBlock::K8V4 { k, kd, .. } if !is_v => KvRows::Q8(&k[o..end], &kd[groups]),
+                    KvBlock::K8V4 { v, vd, .. } => KvRows::Q4(&v[o / 2..end / 2], &vd[groups]),
                 }
             })
     }
@@ -329,7 +370,9 @@ impl KvCache {
 pub enum KvRows<'a> {
     F16(&'a [f16]),
     /// Values and their scales (one per [`Q8_GROUP`] values).
-    Q8(&'a [i8], &'a [f32]),
+    Q8(&'a [i8], &'a [f16]),
+    /// Values two to a byte (see [`KvBlock::K8V4`]) and their scales.
+    Q4(&'a [u8], &'a [f16]),
 }
 
 impl KvRows<'_> {
@@ -337,6 +380,7 @@ impl KvRows<'_> {
         match self {
             KvRows::F16(x) => x.len(),
             KvRows::Q8(q, _) => q.len(),
+            KvRows::Q4(q, _) => q.len() * 2,
         }
     }
 }
@@ -379,7 +423,7 @@ mod tests {
         c.rows(layer, head, is_v, upto)
             .flat_map(|blk| match blk {
                 KvRows::F16(x) => x.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
-                KvRows::Q8(..) => panic!("an f16 cache"),
+                KvRows::Q8(..) | KvRows::Q4(..) => panic!("an f16 cache"),
             })
             .collect()
     }
@@ -456,9 +500,65 @@ mod tests {
             };
             assert_eq!(q.len(), 38 * 64);
             let (q, d) = (&q[37 * 64..], &d[37 * 2..]);
+            // Half a step, and the f16 scale's rounding (2⁻¹¹ of the value).
             for (i, x) in src[64..].iter().enumerate() {
-                let step = d[i / 32];
-                assert!((q[i] as f32 * step - x).abs() <= step / 2.0 + 1e-6, "{i}");
+                let step = d[i / 32].to_f32();
+                assert!(
+                    (q[i] as f32 * step - x).abs() <= step / 2.0 + x.abs() / 1024.0 + 1e-6,
+                    "{i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_k8v4_cache_keeps_keys_in_8_bits_and_values_in_4() {
+        let shape = KvShape {
+            n_layers: 3,
+            n_kv_heads: 2,
+            head_dim: 64,
+            format: KvFormat::K8V4,
+        };
+        let mut c = KvCache::new(shape);
+        c.grow(HOST_BLOCK_LEN + 40);
+        // A byte per key, a nibble per value, 2 bytes of scale per 32 of either.
+        assert_eq!(c.bytes(), 2 * shape.block_elems(HOST_BLOCK_LEN) * 13 / 16);
+        let row = |layer: usize, sign: f32| -> Vec<f32> {
+            (0..128)
+                .map(|i| sign * ((i + 3 * layer) as f32 * 0.3).cos() * (1 + i % 4) as f32)
+                .collect()
+        };
+        let pos = HOST_BLOCK_LEN + 37;
+        for layer in 0..3 {
+            c.write(layer, pos, &row(layer, 1.0), &row(layer, -1.0));
+        }
+        for layer in 0..3 {
+            for head in 0..2 {
+                let want = |sign: f32| row(layer, sign)[head * 64..][..64].to_vec();
+                let second = |is_v| c.rows(layer, head, is_v, pos + 1).nth(1).unwrap();
+                let KvRows::Q8(q, d) = second(false) else {
+                    panic!("8-bit keys")
+                };
+                let (q, d) = (&q[37 * 64..], &d[37 * 2..]);
+                for (i, x) in want(1.0).iter().enumerate() {
+                    let step = d[i / 32].to_f32();
+                    assert!((q[i] as f32 * step - x).abs() <= step / 2.0 + x.abs() / 1024.0 + 1e-6);
+                }
+                let KvRows::Q4(q, d) = second(true) else {
+                    panic!("4-bit values")
+                };
+                assert_eq!(q.len(), 38 * 32);
+                let (q, d) = (&q[37 * 32..], &d[37 * 2..]);
+                for (i, x) in want(-1.0).iter().enumerate() {
+                    let step = d[i / 32].to_f32().abs();
+                    let level = (q[i / 2] >> (4 * (i % 2)) & 15) as f32 - 8.0;
+                    let got = d[i / 32].to_f32() * level;
+                    // Half a step, or one where the far value's other side stops at 7.
+                    assert!(
+                        (got - x).abs() <= step + 1e-6,
+                        "{layer}/{head}/{i}: {got} vs {x}"
+                    );
+                }
             }
         }
     }

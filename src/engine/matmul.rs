@@ -71,9 +71,24 @@ impl QMatrix {
         &self.data()[r * rb..(r + 1) * rb]
     }
 
-    /// Dequantizes row `r` (an embedding look-up).
+    /// Dequantizes row `r` (an embedding look-up), from the interleaved copy where there is
+    /// one: reading the mapped file would bring its pages back (and the kernel's fault-around
+    /// maps 64 KB of neighbours with each), so a server's memory would grow with every new
+    /// token its users write, up to the whole table.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        dequantize_row(self.ty, self.row(r), out);
+        match &self.interleaved {
+            Some(packed) => {
+                let mut row = Vec::with_capacity(self.row_bytes());
+                interleaved::row_of(self.ty, packed, self.cols, r, &mut row);
+                dequantize_row(self.ty, &row, out);
+            }
+            None => dequantize_row(self.ty, self.row(r), out),
+        }
+    }
+
+    /// Whether the weights are read from where they were loaded (no interleaved copy).
+    pub fn borrows_its_bytes(&self) -> bool {
+        self.interleaved.is_none()
     }
 }
 

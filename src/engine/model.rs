@@ -364,7 +364,15 @@ impl Model {
                     &mut |raw| Ok(super::cpu::matrix(raw)),
                     &mut |v| Ok(v),
                 )?;
-                Backend::Cpu(CpuWeights::new(w, &cfg))
+                let cpu = CpuWeights::new(w, &cfg);
+                if let WeightSource::File { f, .. } = &src {
+                    // Header, norms (copied out) and tensors (each in its copy): the file's
+                    // pages are needed no more.
+                    if !cpu.borrows_the_file() {
+                        f.release_all();
+                    }
+                }
+                Backend::Cpu(cpu)
             }
             #[cfg(feature = "candle")]
             Placement::Candle(device) => Backend::Candle(Box::new(super::gpu::CandleModel::build(
@@ -384,15 +392,15 @@ impl Model {
     /// How new caches store K and V. 8-bit needs the CPU backend and a head size that is a
     /// multiple of 32; caches made before keep their format (and no longer fit this model).
     pub fn set_kv_format(&mut self, format: KvFormat) -> Result<(), EngineError> {
-        if format == KvFormat::Q8 {
+        if format.is_quantized() {
             if !matches!(self.backend, Backend::Cpu(_)) {
                 return Err(EngineError::Unsupported(
-                    "an 8-bit KV cache is for the CPU backend only".into(),
+                    "a quantized KV cache is for the CPU backend only".into(),
                 ));
             }
             if !self.cfg.head_dim.is_multiple_of(super::kv::Q8_GROUP) {
                 return Err(EngineError::Unsupported(format!(
-                    "an 8-bit KV cache needs a head size that is a multiple of 32 (this model: {})",
+                    "a quantized KV cache needs a head size that is a multiple of 32 (this model: {})",
                     self.cfg.head_dim
                 )));
             }

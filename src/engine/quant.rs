@@ -137,8 +137,9 @@ unsafe fn quantize_row_q8_avx2(x: &[f32], out: &mut [BlockQ8]) {
 }
 
 /// Quantizes `x` to bytes `q` with one scale `d` per 32 values (no sums: the KV cache's
-/// layout), the same bytes as [`quantize_row_q8`] gives.
-pub fn quantize_q8_groups(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+/// layout), the same bytes as [`quantize_row_q8`] gives; the scales are kept in f16 (their
+/// rounding, 2⁻¹¹ of the scale, is far below the 8-bit step).
+pub fn quantize_q8_groups(x: &[f32], q: &mut [i8], d: &mut [f16]) {
     assert!(x.len() == q.len() && x.len() == d.len() * 32);
     #[cfg(target_arch = "x86_64")]
     if crate::engine::simd::has_avx2() {
@@ -149,15 +150,43 @@ pub fn quantize_q8_groups(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
         quantize_row_q8_portable(x, &mut blk);
         q.copy_from_slice(&blk[0].qs);
-        *d = blk[0].d;
+        *d = f16::from_f32(blk[0].d);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_q8_groups_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+unsafe fn quantize_q8_groups_avx2(x: &[f32], q: &mut [i8], d: &mut [f16]) {
     for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
-        *d = q8_block_avx2(x.as_ptr(), q.as_mut_ptr()).0;
+        *d = f16::from_f32(q8_block_avx2(x.as_ptr(), q.as_mut_ptr()).0);
+    }
+}
+
+/// Quantizes `x` to 4 bits, two to a byte (element `2i` in the low nibble of byte `i`), with
+/// one f16 scale per 32 values: `x ≈ d·(q − 8)`, as GGML's Q4_0 rounds (the value farthest
+/// from 0 is exactly −8 steps, so the other side reaches +7). NaN becomes 0.
+pub fn quantize_q4_groups(x: &[f32], q: &mut [u8], d: &mut [f16]) {
+    assert!(x.len() == 2 * q.len() && x.len() == d.len() * 32);
+    for ((x, q), d) in x.chunks_exact(32).zip(q.chunks_exact_mut(16)).zip(d) {
+        let far = x
+            .iter()
+            .copied()
+            .filter(|v| !v.is_nan())
+            .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        *d = f16::from_f32(far / -8.0);
+        let step = d.to_f32();
+        let id = if step == 0.0 { 0.0 } else { 1.0 / step };
+        // 8 is the zero point; `as` saturates.
+        let level = |v: f32| {
+            if v.is_nan() {
+                8
+            } else {
+                ((v * id + 8.5) as i32).clamp(0, 15) as u8
+            }
+        };
+        for (q, pair) in q.iter_mut().zip(x.chunks_exact(2)) {
+            *q = level(pair[0]) | level(pair[1]) << 4;
+        }
     }
 }
 
@@ -439,12 +468,50 @@ mod tests {
         assert!(a[3].qs.iter().all(|&q| q == 0), "no finite inverse: zeros");
 
         // The KV cache's layout gives the same bytes and scales, whichever path runs.
-        let (mut q, mut d) = (vec![0i8; 160], vec![0f32; 5]);
+        let (mut q, mut d) = (vec![0i8; 160], vec![f16::ZERO; 5]);
         quantize_q8_groups(&x, &mut q, &mut d);
         for (k, blk) in b.iter().enumerate() {
             assert_eq!(q[k * 32..(k + 1) * 32], blk.qs);
-            assert_eq!(d[k].to_bits(), blk.d.to_bits());
+            assert_eq!(d[k].to_bits(), f16::from_f32(blk.d).to_bits());
         }
+    }
+
+    #[test]
+    fn q4_groups_round_to_the_nearest_of_sixteen_steps() {
+        let mut x: Vec<f32> = (0..96)
+            .map(|i| ((i as f32) * 0.61).sin() * (1 + i % 3) as f32)
+            .collect();
+        x[32..64].fill(0.0);
+        x[5] = f32::NAN;
+        let (mut q, mut d) = (vec![0u8; 48], vec![f16::ZERO; 3]);
+        quantize_q4_groups(&x, &mut q, &mut d);
+        let level = |i: usize| (q[i / 2] >> (4 * (i % 2)) & 15) as f32 - 8.0;
+        assert_eq!(d[1].to_f32(), 0.0, "a group of zeros: no step");
+        assert_eq!(level(5), 0.0, "NaN is stored as 0");
+
+        for (i, &v) in x.iter().enumerate() {
+            let step = d[i / 32].to_f32();
+            let v = if v.is_nan() { 0.0 } else { v };
+            let got = step * level(i);
+            // Within half a step, but past +7.5 steps (the far value's other side: its own
+            // is -8) the level stops at 7.
+            let err = if step == 0.0 {
+                0.0
+            } else {
+                (v / step - 7.0).max(0.5)
+            };
+            assert!(
+                (got - v).abs() <= step.abs() * err + 1e-6,
+                "{i}: {v} as {got} (step {step})"
+            );
+        }
+        // The value farthest from 0 is exact: -8 steps.
+        let far = (0..32)
+            .filter(|&i| !x[i].is_nan())
+            .max_by(|&a, &b| x[a].abs().total_cmp(&x[b].abs()))
+            .unwrap();
+        assert_eq!(level(far), -8.0);
+        assert!((d[0].to_f32() * -8.0 - x[far]).abs() < 1e-2 * x[far].abs());
     }
 
     #[test]

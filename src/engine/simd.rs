@@ -206,7 +206,7 @@ fn weighted_sum_f16_portable(
 
 /// [`scores_f16`] over 8-bit keys: `k_p ≈ d·q` with one scale `kd` per 32 values.
 pub fn scores_q8(
-    (kq, kd): (&[i8], &[f32]),
+    (kq, kd): (&[i8], &[f16]),
     q: &[f32],
     (g, hd): (usize, usize),
     scale: f32,
@@ -233,7 +233,7 @@ pub fn scores_q8(
 }
 
 fn scores_q8_portable(
-    (kq, kd): (&[i8], &[f32]),
+    (kq, kd): (&[i8], &[f16]),
     q: &[f32],
     (g, hd): (usize, usize),
     scale: f32,
@@ -246,7 +246,9 @@ fn scores_q8_portable(
             let k = &kq[p * hd..(p + 1) * hd];
             let s: f32 = (k.chunks_exact(32).zip(qh.chunks_exact(32)))
                 .zip(&kd[p * hd / 32..])
-                .map(|((k, q), d)| d * k.iter().zip(q).map(|(&k, q)| k as f32 * q).sum::<f32>())
+                .map(|((k, q), d)| {
+                    d.to_f32() * k.iter().zip(q).map(|(&k, q)| k as f32 * q).sum::<f32>()
+                })
                 .sum();
             out[h * stride + p] = scale * s;
         }
@@ -255,7 +257,7 @@ fn scores_q8_portable(
 
 /// [`weighted_sum_f16`] over 8-bit values: `v_p ≈ d·q` with one scale `vd` per 32 values.
 pub fn weighted_sum_q8(
-    (vq, vd): (&[i8], &[f32]),
+    (vq, vd): (&[i8], &[f16]),
     w: &[f32],
     (g, hd): (usize, usize),
     stride: usize,
@@ -281,7 +283,7 @@ pub fn weighted_sum_q8(
 }
 
 fn weighted_sum_q8_portable(
-    (vq, vd): (&[i8], &[f32]),
+    (vq, vd): (&[i8], &[f16]),
     w: &[f32],
     (g, hd): (usize, usize),
     stride: usize,
@@ -291,7 +293,54 @@ fn weighted_sum_q8_portable(
         for p in 0..vq.len() / hd {
             let wp = w[h * stride + p];
             for (i, o) in out[h * hd..(h + 1) * hd].iter_mut().enumerate() {
-                *o += wp * vd[(p * hd + i) / 32] * vq[p * hd + i] as f32;
+                *o += wp * vd[(p * hd + i) / 32].to_f32() * vq[p * hd + i] as f32;
+            }
+        }
+    }
+}
+
+/// [`weighted_sum_f16`] over 4-bit values, two to a byte (element `2i` in the low nibble of
+/// byte `i`): `v_p ≈ d·(q − 8)` with one scale `vd` per 32 values.
+pub fn weighted_sum_q4(
+    (vq, vd): (&[u8], &[f16]),
+    w: &[f32],
+    (g, hd): (usize, usize),
+    stride: usize,
+    out: &mut [f32],
+) {
+    let n = vq.len() * 2 / hd;
+    assert!(hd % 32 == 0 && vd.len() >= vq.len() / 16);
+    assert!(fits(g, hd, out.len()) && rows_fit(g, n, stride, w.len()));
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked above; shapes checked by the asserts above.
+        unsafe {
+            return match g {
+                1 => x86::weighted_sum_q4::<1, 4>(vq, vd, w, hd, stride, out),
+                2 => x86::weighted_sum_q4::<2, 4>(vq, vd, w, hd, stride, out),
+                3 => x86::weighted_sum_q4::<3, 2>(vq, vd, w, hd, stride, out),
+                4 => x86::weighted_sum_q4::<4, 2>(vq, vd, w, hd, stride, out),
+                _ => weighted_sum_q4_portable((vq, vd), w, (g, hd), stride, out),
+            };
+        }
+    }
+    weighted_sum_q4_portable((vq, vd), w, (g, hd), stride, out)
+}
+
+fn weighted_sum_q4_portable(
+    (vq, vd): (&[u8], &[f16]),
+    w: &[f32],
+    (g, hd): (usize, usize),
+    stride: usize,
+    out: &mut [f32],
+) {
+    for h in 0..g {
+        for p in 0..vq.len() * 2 / hd {
+            let wp = w[h * stride + p];
+            for (i, o) in out[h * hd..(h + 1) * hd].iter_mut().enumerate() {
+                let j = p * hd + i;
+                let level = (vq[j / 2] >> (4 * (j % 2)) & 15) as f32 - 8.0;
+                *o += wp * vd[j / 32].to_f32() * level;
             }
         }
     }
@@ -450,10 +499,17 @@ mod x86 {
         }
     }
 
+    /// One f16 scale as a float (F16C, inlined where the caller enables it).
+    #[inline(always)]
+    unsafe fn f16_scale(d: *const f16, i: usize) -> f32 {
+        let bits = (*d.add(i)).to_bits();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
     /// Signed-byte rows of `hd` values with one scale per 32.
     struct Q8Rows {
         q: *const i8,
-        d: *const f32,
+        d: *const f16,
         hd: usize,
     }
 
@@ -465,7 +521,33 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn scale(&self, p: usize, c: usize) -> f32 {
-            *self.d.add(p * (self.hd / 32) + c / 4)
+            f16_scale(self.d, p * (self.hd / 32) + c / 4)
+        }
+    }
+
+    /// Rows of `hd` 4-bit values, two to a byte (low nibble first), one scale per 32; a value
+    /// is its level less 8.
+    struct Q4Rows {
+        q: *const u8,
+        d: *const f16,
+        hd: usize,
+    }
+
+    impl Rows for Q4Rows {
+        #[inline(always)]
+        unsafe fn eights(&self, p: usize, c: usize) -> __m256 {
+            let four = (self.q.add((p * self.hd + c * 8) / 2) as *const i32).read_unaligned();
+            let x = _mm_cvtsi32_si128(four);
+            let nibble = _mm_set1_epi8(15);
+            // Low and high nibbles of the 4 bytes, interleaved: elements 0..8 in order.
+            let lo = _mm_and_si128(x, nibble);
+            let hi = _mm_and_si128(_mm_srli_epi16(x, 4), nibble);
+            let levels = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+            _mm256_sub_ps(levels, _mm256_set1_ps(8.0))
+        }
+        #[inline(always)]
+        unsafe fn scale(&self, p: usize, c: usize) -> f32 {
+            f16_scale(self.d, p * (self.hd / 32) + c / 4)
         }
     }
 
@@ -577,10 +659,10 @@ mod x86 {
     }
 
     /// [`scores`] over 8-bit keys.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn scores_q8<const G: usize, const P: usize>(
         kq: &[i8],
-        kd: &[f32],
+        kd: &[f16],
         q: &[f32],
         hd: usize,
         scale: f32,
@@ -596,10 +678,10 @@ mod x86 {
     }
 
     /// [`weighted_sum`] over 8-bit values.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_sum_q8<const G: usize, const C: usize>(
         vq: &[i8],
-        vd: &[f32],
+        vd: &[f16],
         w: &[f32],
         hd: usize,
         stride: usize,
@@ -611,6 +693,24 @@ mod x86 {
             hd,
         };
         weighted_sum::<G, C>(values, vq.len() / hd, w, hd, stride, out)
+    }
+
+    /// [`weighted_sum`] over 4-bit values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum_q4<const G: usize, const C: usize>(
+        vq: &[u8],
+        vd: &[f16],
+        w: &[f32],
+        hd: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let values = Q4Rows {
+            q: vq.as_ptr(),
+            d: vd.as_ptr(),
+            hd,
+        };
+        weighted_sum::<G, C>(values, vq.len() * 2 / hd, w, hd, stride, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -796,7 +896,9 @@ mod tests {
             let kq: Vec<i8> = (0..n * hd)
                 .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
                 .collect();
-            let kd: Vec<f32> = (0..n * hd / 32).map(|i| 0.01 + i as f32 * 0.003).collect();
+            let kd: Vec<f16> = (0..n * hd / 32)
+                .map(|i| f16::from_f32(0.01 + i as f32 * 0.003))
+                .collect();
             let q: Vec<f32> = (0..g * hd).map(|i| (i as f32 * 0.37).sin()).collect();
             let (mut fast, mut slow) = (vec![0f32; g * stride], vec![0f32; g * stride]);
             scores_q8((&kq, &kd), &q, (g, hd), 0.125, &mut fast, stride);
@@ -817,6 +919,23 @@ mod tests {
                     "sums g={g} hd={hd} n={n}: {a} vs {b}"
                 );
             }
+            // 4-bit values: every level, scales of both signs.
+            let vq: Vec<u8> = (0..n * hd / 2).map(|i| (i * 29 % 256) as u8).collect();
+            let vd: Vec<f16> = (0..n * hd / 32)
+                .map(|i| {
+                    f16::from_f32((0.02 + i as f32 * 0.001) * if i % 3 == 0 { -1.0 } else { 1.0 })
+                })
+                .collect();
+            let (mut fast_out, mut slow_out) = (vec![1f32; g * hd], vec![1f32; g * hd]);
+            weighted_sum_q4((&vq, &vd), &fast, (g, hd), stride, &mut fast_out);
+            weighted_sum_q4_portable((&vq, &vd), &fast, (g, hd), stride, &mut slow_out);
+            for (a, b) in fast_out.iter().zip(&slow_out) {
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "4-bit sums g={g} hd={hd} n={n}: {a} vs {b}"
+                );
+            }
+            assert!(fast_out.iter().any(|&x| x != 1.0));
         }
     }
 }
