@@ -50,9 +50,7 @@ pub fn markdown(conversation: &Conversation, messages: &[Message]) -> String {
 /// `text` with each of its headings two levels down (at most `######`): the file's title is
 /// `#` and each turn `##`, so a message's `## You` becomes `#### You`. A code fence the text
 /// leaves open (an answer cut at the length limit) is closed, or it would swallow the turns
-/// after it; so would an HTML block that only its end tag closes (`<pre>`, `<!--`, …): one
-/// left open starts with `\<` instead, and reads as text. Code blocks and other text stay as
-/// they were.
+/// after it. Code blocks and other text stay as they were.
 fn nested(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
     let mut copied = 0;
@@ -66,12 +64,6 @@ fn nested(text: &str) -> String {
                 out.push_str(&text[copied..range.start]);
                 nest_heading(&mut out, &text[range.clone()], level as usize);
                 copied = range.end;
-            }
-            Event::Start(Tag::HtmlBlock) if html_block_left_open(&text[range.clone()]) => {
-                let lt = range.start + text[range.clone()].find('<').unwrap_or(0);
-                out.push_str(&text[copied..lt]);
-                out.push('\\');
-                copied = lt;
             }
             _ => {}
         }
@@ -108,31 +100,6 @@ fn nest_heading(out: &mut String, heading: &str, level: usize) {
         out.push_str(&words.join(" "));
     }
     out.push_str(&heading[body.len()..]);
-}
-
-/// Whether an HTML block (its source) is one that ends only at its own end marker, and that
-/// marker is missing: CommonMark's kinds 1 to 5, which run on to the end of the document.
-/// (The other kinds end at a blank line, as every turn's text does.)
-fn html_block_left_open(block: &str) -> bool {
-    let b = block.trim_start().to_ascii_lowercase();
-    let raw = ["<pre", "<script", "<style", "<textarea"]
-        .into_iter()
-        .find(|t| {
-            b.starts_with(t)
-                && b[t.len()..]
-                    .chars()
-                    .next()
-                    .is_none_or(|c| c == '>' || c.is_ascii_whitespace())
-        });
-    let end = match raw {
-        Some(tag) => format!("</{}>", &tag[1..]),
-        None if b.starts_with("<!--") => return !b[4..].contains("-->"),
-        None if b.starts_with("<?") => "?>".into(),
-        None if b.starts_with("<![cdata[") => "]]>".into(),
-        None if b.starts_with("<!") => ">".into(),
-        None => return false,
-    };
-    !b[2..].contains(&end)
 }
 
 /// The fence that would close the fenced code block at `range`, if the text ends inside it.
@@ -285,20 +252,6 @@ mod tests {
         assert_eq!(nested("~~~\nx\n~~~~\n"), "~~~\nx\n~~~~\n");
         assert_eq!(nested("```\n"), "```\n\n```");
         assert_eq!(nested("- ```\n  open in a list"), "- ```\n  open in a list");
-        // HTML blocks that only their end closes: escaped when left open, else as they were.
-        assert_eq!(nested("see:\n\n<pre>\nx = 1"), "see:\n\n\\<pre>\nx = 1");
-        assert_eq!(nested("  <!-- note"), "  \\<!-- note");
-        assert_eq!(nested("<?php echo 1;"), "\\<?php echo 1;");
-        assert_eq!(nested("<![CDATA[ x"), "\\<![CDATA[ x");
-        for same in [
-            "<pre>\nx\n</pre>",
-            "<!-- a -->\nafter",
-            "<div>\nopen div ends at a blank line",
-            "<presentation> is no pre",
-            "<!DOCTYPE html>",
-        ] {
-            assert_eq!(nested(same), same);
-        }
         for same in [
             "```\n## not a heading\n```",
             "a # b",
@@ -334,16 +287,6 @@ mod tests {
         );
         let md = markdown(&conv, &[forged]);
         assert_eq!(md.matches("\n## ").count(), 1, "{md}");
-        // An answer that opens a comment (or a `<pre>`) and never closes it hides no turn.
-        for opener in ["<!-- the rest is hidden", "<pre>\nunclosed"] {
-            let open = message(Role::Assistant, opener, MessageStatus::Complete);
-            let next = message(Role::User, "Still here?", MessageStatus::Complete);
-            let md = markdown(&conv, &[open, next]);
-            let headings = Parser::new(&md)
-                .filter(|e| matches!(e, Event::Start(Tag::Heading { .. })))
-                .count();
-            assert_eq!(headings, 3, "{md}");
-        }
     }
 
     #[test]
