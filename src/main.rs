@@ -31,7 +31,7 @@ struct Args {
     device: DeviceChoice,
     /// How the CPU keeps each conversation's keys and values: f16; q8 (8-bit with a scale per 32
     /// values: about half the memory and faster attention on long chats, slightly less exact);
-    /// or k8v4 (keys so, values in 4 bits: about 40 % of f16, less exact again).
+    /// or k8v4 (keys in 8 bits, values in 4: about 40 % of f16, less exact again).
     #[arg(long, global = true, env = "SMOLCHAT_KV_CACHE", default_value = "f16")]
     kv_cache: KvCache,
     #[command(subcommand)]

@@ -81,7 +81,7 @@ const friendly = {
   rate_limited: "You are sending messages quickly — wait a few seconds.",
   too_many_generations: "Another answer of yours is still being written; wait for it to finish.",
   already_generating: "An answer is still being written here; stop it or wait.",
-  conversations_moving: "Your conversations are moving to your other device's sign-in; this page starts afresh in a moment.",
+  conversations_moving: "Your conversations are moving to your other device's sign-in; try again in a moment.",
   message_too_long: "That message is too long.",
   not_found: "This conversation does not exist (any more).",
   too_many_conversations: "You have as many conversations as this server keeps per person: delete one to start another.",

@@ -26,7 +26,19 @@ pub fn group_block(ty: GgmlType) -> usize {
     }
 }
 
+/// Where row `r`'s quants of one block sit in an interleaved group block of `ty`: in
+/// `vectors` runs of 4 bytes at `first + 32·v + 4·r` (its scale is at `2·r`, a Q4 offset at
+/// `16 + 2·r`).
+fn quant_runs(ty: GgmlType) -> (usize, usize) {
+    if ty == GgmlType::Q8_0 {
+        (16, 8)
+    } else {
+        (32, 4)
+    }
+}
+
 fn interleave_q8_0(data: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    let (first, vectors) = quant_runs(GgmlType::Q8_0);
     let nb = cols / 32;
     let rb = nb * 34;
     let mut out = vec![0u8; rows / 8 * nb * GROUP_BLOCK_Q8];
@@ -36,9 +48,9 @@ fn interleave_q8_0(data: &[u8], rows: usize, cols: usize) -> Vec<u8> {
             for r in 0..8 {
                 let src = &data[(g * 8 + r) * rb + b * 34..][..34];
                 dst[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
-                for v in 0..8 {
-                    dst[16 + 32 * v + 4 * r..16 + 32 * v + 4 * r + 4]
-                        .copy_from_slice(&src[2 + 4 * v..2 + 4 * v + 4]);
+                for v in 0..vectors {
+                    let at = first + 32 * v + 4 * r;
+                    dst[at..at + 4].copy_from_slice(&src[2 + 4 * v..2 + 4 * v + 4]);
                 }
             }
         }
@@ -54,6 +66,7 @@ pub fn interleave(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<u8
         GgmlType::Q8_0 => return interleave_q8_0(data, rows, cols),
         _ => unreachable!("only Q4_0, Q4_1 and Q8_0 are interleaved"),
     };
+    let (first, vectors) = quant_runs(ty);
     let nb = cols / 32;
     let rb = nb * bb;
     let mut out = vec![0u8; rows / 8 * nb * GROUP_BLOCK];
@@ -70,9 +83,9 @@ pub fn interleave(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<u8
                     [src[2], src[3]]
                 };
                 dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&m);
-                for v in 0..4 {
-                    let q = &src[qoff + 4 * v..qoff + 4 * v + 4];
-                    dst[32 + 32 * v + 4 * r..32 + 32 * v + 4 * r + 4].copy_from_slice(q);
+                for v in 0..vectors {
+                    let at = first + 32 * v + 4 * r;
+                    dst[at..at + 4].copy_from_slice(&src[qoff + 4 * v..qoff + 4 * v + 4]);
                 }
             }
         }
@@ -80,29 +93,32 @@ pub fn interleave(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<u8
     out
 }
 
-/// Row `r` of `cols` values back in its GGUF bytes, from `packed` (what [`interleave`] gave
-/// for `ty`): an embedding look-up reads the copy, so the mapped file stays given back.
-pub fn row_of(ty: GgmlType, packed: &[u8], cols: usize, r: usize, out: &mut Vec<u8>) {
+/// Block `b` of row `r` (of `cols` values) back in its GGUF bytes, from `packed` (what
+/// [`interleave`] gave for `ty`), into the start of `out`; returns how many bytes that is. An
+/// embedding look-up reads the copy this way, so the mapped file stays given back.
+pub fn block_of(
+    ty: GgmlType,
+    packed: &[u8],
+    (cols, r, b): (usize, usize, usize),
+    out: &mut [u8; 34],
+) -> usize {
     let nb = cols / 32;
-    let (g, lane) = (r / 8, r % 8);
     let span = group_block(ty);
-    out.clear();
-    for b in 0..nb {
-        let blk = &packed[(g * nb + b) * span..][..span];
-        out.extend_from_slice(&blk[2 * lane..2 * lane + 2]);
-        let (first, vectors) = match ty {
-            GgmlType::Q8_0 => (16, 8),
-            GgmlType::Q4_1 => {
-                out.extend_from_slice(&blk[16 + 2 * lane..16 + 2 * lane + 2]);
-                (32, 4)
-            }
-            _ => (32, 4),
-        };
-        for v in 0..vectors {
-            let at = first + 32 * v + 4 * lane;
-            out.extend_from_slice(&blk[at..at + 4]);
-        }
+    let lane = r % 8;
+    let blk = &packed[((r / 8) * nb + b) * span..][..span];
+    out[..2].copy_from_slice(&blk[2 * lane..2 * lane + 2]);
+    let mut n = 2;
+    if ty == GgmlType::Q4_1 {
+        out[2..4].copy_from_slice(&blk[16 + 2 * lane..16 + 2 * lane + 2]);
+        n = 4;
     }
+    let (first, vectors) = quant_runs(ty);
+    for v in 0..vectors {
+        let at = first + 32 * v + 4 * lane;
+        out[n..n + 4].copy_from_slice(&blk[at..at + 4]);
+        n += 4;
+    }
+    n
 }
 
 /// A kernel over one group: `out[a][0..8] = Σ` over the 8 rows of group data `w` (all blocks)
@@ -357,13 +373,17 @@ mod tests {
     #[test]
     fn each_row_comes_back_from_the_interleaved_copy() {
         let (rows, cols) = (24, 96);
-        let mut row = Vec::new();
+        let mut blk = [0u8; 34];
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let data = raw(ty, rows, cols);
             let il = interleave(ty, &data, rows, cols);
             let rb = data.len() / rows;
             for r in 0..rows {
-                row_of(ty, &il, cols, r, &mut row);
+                let mut row = Vec::new();
+                for b in 0..cols / 32 {
+                    let n = block_of(ty, &il, (cols, r, b), &mut blk);
+                    row.extend_from_slice(&blk[..n]);
+                }
                 assert_eq!(row, &data[r * rb..(r + 1) * rb], "{ty:?} row {r}");
             }
         }

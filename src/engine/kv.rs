@@ -3,7 +3,7 @@
 //! On the CPU a [`KvBlock`] holds K and V of [`HOST_BLOCK_LEN`] positions for every layer and KV
 //! head, laid out so that one head's positions are contiguous: in f16, or (`KvFormat::Q8`) in signed
 //! bytes with one f16 scale per 32 values — about half the memory, and half the bytes attention
-//! reads each step — or (`KvFormat::K8V4`) keys so and values in 4 bits, about 40 % of f16.
+//! reads each step — or (`KvFormat::K8V4`) keys in 8 bits and values in 4, about 40 % of f16.
 //! On a device the blocks live in
 //! the backend's per-layer slabs and the cache holds only their ids, handed out by a
 //! [`BlockPool`]. Growing the cache appends a block; nothing is ever re-concatenated. The caller
@@ -428,6 +428,16 @@ mod tests {
             .collect()
     }
 
+    /// Each of `want`'s values within half a step of its 8-bit form, and the f16 scale's
+    /// rounding (2⁻¹¹ of the value).
+    fn assert_q8_row(q: &[i8], d: &[f16], want: &[f32]) {
+        for (i, x) in want.iter().enumerate() {
+            let step = d[i / 32].to_f32();
+            let err = (q[i] as f32 * step - x).abs();
+            assert!(err <= step / 2.0 + x.abs() / 1024.0 + 1e-6, "{i}: {x}");
+        }
+    }
+
     #[test]
     fn a_host_cache_truncated_inside_a_block_keeps_its_prefix_and_grows_again() {
         let shape = KvShape {
@@ -499,15 +509,7 @@ mod tests {
                 panic!("an 8-bit block")
             };
             assert_eq!(q.len(), 38 * 64);
-            let (q, d) = (&q[37 * 64..], &d[37 * 2..]);
-            // Half a step, and the f16 scale's rounding (2⁻¹¹ of the value).
-            for (i, x) in src[64..].iter().enumerate() {
-                let step = d[i / 32].to_f32();
-                assert!(
-                    (q[i] as f32 * step - x).abs() <= step / 2.0 + x.abs() / 1024.0 + 1e-6,
-                    "{i}"
-                );
-            }
+            assert_q8_row(&q[37 * 64..], &d[37 * 2..], &src[64..]);
         }
     }
 
@@ -539,11 +541,7 @@ mod tests {
                 let KvRows::Q8(q, d) = second(false) else {
                     panic!("8-bit keys")
                 };
-                let (q, d) = (&q[37 * 64..], &d[37 * 2..]);
-                for (i, x) in want(1.0).iter().enumerate() {
-                    let step = d[i / 32].to_f32();
-                    assert!((q[i] as f32 * step - x).abs() <= step / 2.0 + x.abs() / 1024.0 + 1e-6);
-                }
+                assert_q8_row(&q[37 * 64..], &d[37 * 2..], &want(1.0));
                 let KvRows::Q4(q, d) = second(true) else {
                     panic!("4-bit values")
                 };

@@ -78,9 +78,11 @@ impl QMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         match &self.interleaved {
             Some(packed) => {
-                let mut row = Vec::with_capacity(self.row_bytes());
-                interleaved::row_of(self.ty, packed, self.cols, r, &mut row);
-                dequantize_row(self.ty, &row, out);
+                let mut blk = [0u8; 34];
+                for (b, out) in out.chunks_exact_mut(32).enumerate() {
+                    let n = interleaved::block_of(self.ty, packed, (self.cols, r, b), &mut blk);
+                    dequantize_row(self.ty, &blk[..n], out);
+                }
             }
             None => dequantize_row(self.ty, self.row(r), out),
         }
