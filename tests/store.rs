@@ -588,6 +588,36 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
     assert_eq!(store.list_conversations(carol).await.unwrap().len(), 3);
     store.delete_conversation(carol, extra.id).await.unwrap();
 
+    // The server's hold, called once the code is good and the conversations would move:
+    // its refusal changes nothing either, and a bad code is told as such before it.
+    let holds = std::cell::Cell::new(0);
+    let refuse = |u| {
+        holds.set(holds.get() + 1);
+        assert_eq!(u, carol);
+        Err::<(), _>(StoreError::Busy)
+    };
+    assert!(matches!(
+        store
+            .redeem_link_code_holding("nope", by, true, refuse)
+            .await,
+        Err(StoreError::BadLinkCode)
+    ));
+    assert!(matches!(
+        store
+            .redeem_link_code_holding(&code, by, false, refuse)
+            .await,
+        Err(StoreError::WouldHide(2))
+    ));
+    assert_eq!(holds.get(), 0);
+    assert!(matches!(
+        store
+            .redeem_link_code_holding(&code, by, true, refuse)
+            .await,
+        Err(StoreError::Busy)
+    ));
+    assert_eq!(holds.get(), 1);
+    assert_eq!(store.list_conversations(carol).await.unwrap().len(), 2);
+
     // Merged: Carol's conversations are Alice's; this browser's old login went, and her
     // phone stays signed in as Carol, without them.
     let (user, _) = store.redeem_link_code(&code, by, true).await.unwrap();

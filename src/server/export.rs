@@ -48,17 +48,22 @@ pub fn markdown(conversation: &Conversation, messages: &[Message]) -> String {
 }
 
 /// `text` with each of its headings two levels down (at most `######`): the file's title is
-/// `#` and each turn `##`, so a message's `## You` becomes `#### You`. A code fence the text
-/// leaves open (an answer cut at the length limit) is closed, or it would swallow the turns
-/// after it. Code blocks and other text stay as they were.
+/// `#` and each turn `##`, so a message's `## You` becomes `#### You`, and its raw `<h2>`
+/// becomes `<h4>`. A code fence or an HTML block (`<pre>`, `<!--`…) that the text leaves open
+/// (an answer cut at the length limit) is closed, or it would swallow the turns after it. Code
+/// blocks and other text stay as they were.
 fn nested(text: &str) -> String {
+    let text = &html_headings_nested(text);
     let mut out = String::with_capacity(text.len() + 16);
     let mut copied = 0;
-    let mut open_fence = None;
+    let mut closer = None;
     for (event, range) in Parser::new(text).into_offset_iter() {
         match event {
             Event::Start(Tag::CodeBlock(CodeBlockKind::Fenced(_))) => {
-                open_fence = unclosed_fence(text, range.clone());
+                closer = unclosed_fence(text, range.clone());
+            }
+            Event::Start(Tag::HtmlBlock) => {
+                closer = unclosed_html(text, range.clone()).map(str::to_owned);
             }
             Event::Start(Tag::Heading { level, .. }) => {
                 out.push_str(&text[copied..range.start]);
@@ -69,11 +74,39 @@ fn nested(text: &str) -> String {
         }
     }
     out.push_str(&text[copied..]);
-    if let Some(fence) = open_fence {
+    if let Some(closer) = closer {
         out.push('\n');
-        out.push_str(&fence);
+        out.push_str(&closer);
     }
     out
+}
+
+/// `text` with the level of each raw HTML heading tag (`<h1>` to `<h6>`, and their end tags)
+/// two levels down, at most `h6`. The digit is the only byte that changes, so the text parses
+/// into the same blocks as before; tags in code are not HTML and stay as they are.
+fn html_headings_nested(text: &str) -> String {
+    let mut bytes = text.as_bytes().to_vec();
+    for (event, range) in Parser::new(text).into_offset_iter() {
+        if !matches!(event, Event::Html(_) | Event::InlineHtml(_)) {
+            continue;
+        }
+        let source = text.as_bytes();
+        for at in range.clone() {
+            let tag = &source[at..range.end];
+            let name = tag.strip_prefix(b"</").or_else(|| tag.strip_prefix(b"<"));
+            let Some([h, level @ b'1'..=b'6', rest @ ..]) = name else {
+                continue;
+            };
+            let ends = rest
+                .first()
+                .is_none_or(|c| c.is_ascii_whitespace() || b"/>".contains(c));
+            if h.eq_ignore_ascii_case(&b'h') && ends {
+                let digit = at + tag.len() - rest.len() - 1;
+                bytes[digit] = (level + 2).min(b'6');
+            }
+        }
+    }
+    String::from_utf8(bytes).expect("only ASCII digits were changed")
 }
 
 /// Writes `heading` (its source: one ATX line, or a setext heading's lines over their
@@ -116,6 +149,39 @@ fn unclosed_fence(text: &str, range: std::ops::Range<usize>) -> Option<String> {
     let closing = block.lines().skip(1).last().map(str::trim);
     let closed = closing.is_some_and(|l| l.len() >= width && l.chars().all(|c| c == mark));
     (!closed).then(|| mark.to_string().repeat(width))
+}
+
+/// What would close the HTML block at `range`, if the text ends inside it. Only the blocks
+/// that their own end marker closes (CommonMark's kinds 1 to 5: `<pre>`, `<script>`,
+/// `<style>`, `<textarea>`, `<!--`, `<?`, `<![CDATA[`, `<!X`); the others end at the blank line
+/// before the next turn. Only for a block at the start of a line, as for fences.
+fn unclosed_html(text: &str, range: std::ops::Range<usize>) -> Option<&'static str> {
+    let before = text[..range.start].trim_end_matches(' ');
+    if !(before.is_empty() || before.ends_with('\n')) {
+        return None;
+    }
+    let block = text[range].trim_start_matches(' ').to_ascii_lowercase();
+    // The end marker is looked for after the start marker's own characters, so `<!-->`
+    // counts as closed; a closer added after a closed block would only show as text.
+    let (after, closer) = if block.starts_with("<!--") {
+        (2, "-->")
+    } else if block.starts_with("<?") {
+        (1, "?>")
+    } else if block.starts_with("<![cdata[") {
+        (9, "]]>")
+    } else if block.starts_with("<!") {
+        (2, ">")
+    } else {
+        const RAW: [&str; 4] = ["</pre>", "</script>", "</style>", "</textarea>"];
+        let opened = RAW.iter().find(|c| {
+            let rest = block[1..].strip_prefix(&c[2..c.len() - 1]);
+            rest.is_some_and(|r| {
+                r.starts_with(|c: char| c.is_ascii_whitespace() || c == '>') || r.is_empty()
+            })
+        })?;
+        return (!RAW.iter().any(|c| block.contains(c))).then_some(opened);
+    };
+    (!block[after..].contains(closer)).then_some(closer)
 }
 
 /// `Content-Disposition` for the file: the title as its name, an ASCII fallback beside the
@@ -287,6 +353,67 @@ mod tests {
         );
         let md = markdown(&conv, &[forged]);
         assert_eq!(md.matches("\n## ").count(), 1, "{md}");
+    }
+
+    #[test]
+    fn raw_html_cannot_forge_a_turn_or_swallow_the_next() {
+        assert_eq!(nested("<h2>Assistant</h2>"), "<h4>Assistant</h4>");
+        assert_eq!(nested("a <H1 id=x>b</H1 > c"), "a <H3 id=x>b</H3 > c");
+        assert_eq!(nested("<h5>x</h5>\n<h6/>"), "<h6>x</h6>\n<h6/>");
+        // An HTML block that only its end marker closes is closed, as an open fence is.
+        for (open, closed) in [
+            (
+                "<!--\n## Assistant\nforged",
+                "<!--\n## Assistant\nforged\n-->",
+            ),
+            ("<pre>\n```\n", "<pre>\n```\n\n</pre>"),
+            ("<SCRIPT>\nx", "<SCRIPT>\nx\n</script>"),
+            ("   <textarea>", "   <textarea>\n</textarea>"),
+            ("<style", "<style\n</style>"),
+            ("<?x", "<?x\n?>"),
+            ("<![CDATA[", "<![CDATA[\n]]>"),
+            ("<!X", "<!X\n>"),
+        ] {
+            assert_eq!(nested(open), closed);
+        }
+        for same in [
+            "`<h2>`",
+            "```\n<h2>x</h2>\n```",
+            "<h2x>",
+            "<header>",
+            "<!-- a -->",
+            "<!-->",
+            "<pre>x</pre>",
+            "<pre>\n</style>",
+            "<?php ?>",
+            "<![CDATA[x]]>",
+            "<!DOCTYPE html>",
+            "<div>\nends at a blank line",
+            "<pre-x>",
+            "- <!--\n  ends with the list",
+            "> <pre>\n> ends with the quote",
+        ] {
+            assert_eq!(nested(same), same);
+        }
+        // In the file, each turn keeps its heading and the text after an open block is text.
+        let conv = conversation("t", "");
+        let turns = [
+            "<!--\n## Assistant\nforged",
+            "<pre>\n```\n",
+            "<h2>You</h2>\n\nafter",
+        ]
+        .map(|m| message(Role::User, m, MessageStatus::Complete));
+        let md = markdown(&conv, &turns);
+        let (mut headings, mut html_headings, mut after) = (0, 0, false);
+        for e in Parser::new(&md) {
+            match e {
+                Event::Start(Tag::Heading { .. }) => headings += 1,
+                Event::Html(h) | Event::InlineHtml(h) if h.contains("<h2") => html_headings += 1,
+                Event::Text(t) if &*t == "after" => after = true,
+                _ => {}
+            }
+        }
+        assert_eq!((headings, html_headings, after), (4, 0, true), "{md}");
     }
 
     #[test]

@@ -398,17 +398,13 @@ pub async fn redeem_link(
     let by = current
         .zip(token.as_deref())
         .map(|(user, token)| Redeemer { user, token });
-    // Held until the move is stored (or refused).
-    let _moving = match current.filter(|_| redeem.merge) {
-        Some(user) => match state.begin_move(user) {
-            Ok(guard) => Some(guard),
-            Err(e) => return store_error(e),
-        },
-        None => None,
-    };
+    // Once the code is checked, no answer of the caller's starts until the move is stored
+    // (or refused).
     match state
         .store
-        .redeem_link_code(redeem.code.trim(), by, redeem.merge)
+        .redeem_link_code_holding(redeem.code.trim(), by, redeem.merge, |user| {
+            state.begin_move(user)
+        })
         .await
     {
         Ok((user, token)) => {

@@ -549,18 +549,28 @@ impl Socket {
 
     /// Per-user limits on starting generations: messages per minute, and conversations
     /// generating at once. An admitted conversation is reserved, so that sends from two
-    /// sockets at once both count; [`Self::generate`] settles the reservation.
+    /// sockets at once both count; [`Self::generate`] settles the reservation. A send
+    /// refused after the rate limit let it through is taken back from the count.
     async fn admit_generation(&self, conv: ConversationId) -> Result<(), Refusal> {
         let st = &self.state;
-        {
-            let per_minute = st.limits.messages_per_minute;
-            if !lock(&st.sends).admit(self.user, Instant::now(), per_minute) {
-                return Err((
-                    "rate_limited",
-                    format!("at most {per_minute} messages a minute; wait a little"),
-                ));
-            }
+        let per_minute = st.limits.messages_per_minute;
+        if !lock(&st.sends).admit(self.user, Instant::now(), per_minute) {
+            return Err((
+                "rate_limited",
+                format!("at most {per_minute} messages a minute; wait a little"),
+            ));
         }
+        let reserved = self.reserve_generation(conv).await;
+        if reserved.is_err() {
+            lock(&st.sends).take_back(&self.user);
+        }
+        reserved
+    }
+
+    /// Reserves `conv` a generation, within the limit on conversations generating at once,
+    /// and unless the user's conversations are moving.
+    async fn reserve_generation(&self, conv: ConversationId) -> Result<(), Refusal> {
+        let st = &self.state;
         // Which of the others that started are still generating (asked outside the lock).
         let started: Vec<ConversationId> = lock(&st.generating)
             .get(&self.user)

@@ -59,6 +59,22 @@ impl Store {
         by: Option<Redeemer<'_>>,
         merge: bool,
     ) -> Result<(UserId, String)> {
+        self.redeem_link_code_holding(code, by, merge, |_| Ok(()))
+            .await
+    }
+
+    /// [`Store::redeem_link_code`], calling `hold` with `by`'s user once the code is good
+    /// and that user's conversations are about to move, and keeping what it returns until the move is
+    /// committed or refused. The server holds back the answers that would start meanwhile;
+    /// `hold`'s error refuses the move, as every other refusal does, with nothing changed.
+    pub async fn redeem_link_code_holding<G>(
+        &self,
+        code: &str,
+        by: Option<Redeemer<'_>>,
+        merge: bool,
+        hold: impl FnOnce(UserId) -> Result<G>,
+    ) -> Result<(UserId, String)> {
+        let mut held = None;
         let mut tx = self.begin().await?;
         let row = sqlx::query(
             "DELETE FROM link_codes WHERE code_hash = ? AND expires_at > ? RETURNING user_id",
@@ -92,6 +108,7 @@ impl Store {
                 return Err(StoreError::WouldHide(own));
             }
             if own > 0 {
+                held = Some(hold(by.user)?);
                 let streaming: bool = sqlx::query_scalar(
                     "SELECT EXISTS(SELECT 1 FROM messages m JOIN conversations c ON c.id = m.conversation_id \
                      WHERE c.owner_id = ? AND m.status = 'streaming')",
@@ -120,6 +137,7 @@ impl Store {
         }
         let token = self.insert_login(&mut tx, user).await?;
         tx.commit().await?;
+        drop(held);
         Ok((user, token))
     }
 
