@@ -19,8 +19,10 @@ if [ ! -x "$cache/build/bin/llama-batched-bench" ]; then
   python3 - "$version" "$cache/src.tar.gz" <<'EOF'
 import hashlib, json, sys, urllib.parse, urllib.request
 version, dest = sys.argv[1:]
-api = f"https://pypi.org/pypi/llama-cpp-python/{version}/json"
-sdist = next(u for u in json.load(urllib.request.urlopen(api))["urls"] if u["packagetype"] == "sdist")
+# The project's JSON (some registry mirrors serve no per-version JSON), its files for `version`.
+api = "https://pypi.org/pypi/llama-cpp-python/json"
+files = json.load(urllib.request.urlopen(api))["releases"][version]
+sdist = next(u for u in files if u["packagetype"] == "sdist")
 data = urllib.request.urlopen(urllib.parse.urljoin(api, sdist["url"])).read()
 if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
     sys.exit("SHA-256 mismatch")

@@ -555,10 +555,21 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
         store.redeem_link_code(&code, by, false).await,
         Err(StoreError::WouldHide(1))
     ));
+    // (That refusal comes after the server's hold was taken, and the hold is let go.)
+    struct Held<'a>(&'a std::cell::Cell<usize>);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+    let released = std::cell::Cell::new(0);
     assert!(matches!(
-        store.redeem_link_code(&code, by, true).await,
+        store
+            .redeem_link_code_holding(&code, by, true, |_| Ok(Held(&released)))
+            .await,
         Err(StoreError::Busy)
     ));
+    assert_eq!(released.get(), 1);
     store
         .finish_message(
             carol,

@@ -2,7 +2,7 @@
 //! reasoning folded away and how it ended when it did not end well. Headings inside messages
 //! are nested below the file's own, so that no message can forge a turn in its outline.
 
-use pulldown_cmark::{CodeBlockKind, Event, Parser, Tag};
+use pulldown_cmark::{CodeBlockKind, Event, Parser, Tag, TagEnd};
 
 use crate::store::{Conversation, Message, MessageStatus, Role};
 
@@ -53,17 +53,23 @@ pub fn markdown(conversation: &Conversation, messages: &[Message]) -> String {
 /// (an answer cut at the length limit) is closed, or it would swallow the turns after it. Code
 /// blocks and other text stay as they were.
 fn nested(text: &str) -> String {
-    let text = &html_headings_nested(text);
+    let text = &html_defused(&same_lines(text));
     let mut out = String::with_capacity(text.len() + 16);
     let mut copied = 0;
     let mut closer = None;
+    // Lists and quotes the parser is in: a block inside one ends with it.
+    let mut depth = 0usize;
     for (event, range) in Parser::new(text).into_offset_iter() {
         match event {
+            Event::Start(Tag::List(_) | Tag::Item | Tag::BlockQuote(_)) => depth += 1,
+            Event::End(TagEnd::List(_) | TagEnd::Item | TagEnd::BlockQuote(_)) => depth -= 1,
             Event::Start(Tag::CodeBlock(CodeBlockKind::Fenced(_))) => {
-                closer = unclosed_fence(text, range.clone());
+                closer = (depth == 0).then(|| unclosed_fence(&text[range])).flatten();
             }
             Event::Start(Tag::HtmlBlock) => {
-                closer = unclosed_html(text, range.clone()).map(str::to_owned);
+                closer = (depth == 0)
+                    .then(|| unclosed_html(&text[range]).map(str::to_owned))
+                    .flatten();
             }
             Event::Start(Tag::Heading { level, .. }) => {
                 out.push_str(&text[copied..range.start]);
@@ -81,32 +87,139 @@ fn nested(text: &str) -> String {
     out
 }
 
-/// `text` with the level of each raw HTML heading tag (`<h1>` to `<h6>`, and their end tags)
-/// two levels down, at most `h6`. The digit is the only byte that changes, so the text parses
-/// into the same blocks as before; tags in code are not HTML and stay as they are.
-fn html_headings_nested(text: &str) -> String {
-    let mut bytes = text.as_bytes().to_vec();
-    for (event, range) in Parser::new(text).into_offset_iter() {
-        if !matches!(event, Event::Html(_) | Event::InlineHtml(_)) {
-            continue;
-        }
-        let source = text.as_bytes();
-        for at in range.clone() {
-            let tag = &source[at..range.end];
-            let name = tag.strip_prefix(b"</").or_else(|| tag.strip_prefix(b"<"));
-            let Some([h, level @ b'1'..=b'6', rest @ ..]) = name else {
-                continue;
-            };
-            let ends = rest
-                .first()
-                .is_none_or(|c| c.is_ascii_whitespace() || b"/>".contains(c));
-            if h.eq_ignore_ascii_case(&b'h') && ends {
-                let digit = at + tag.len() - rest.len() - 1;
-                bytes[digit] = (level + 2).min(b'6');
+/// `text` with its lines as every Markdown parser reads them: ended by `\n` only, and with
+/// no tab at their ends. pulldown-cmark (which finds the headings to nest) differs from
+/// CommonMark on both: it reads a lone `\r` after a fence's backticks as part of the info
+/// string, and a closing fence followed by a tab as code.
+fn same_lines(text: &str) -> String {
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    let lines: Vec<&str> = text
+        .split('\n')
+        .map(|l| {
+            let trimmed = l.trim_end_matches([' ', '\t']);
+            if l[trimmed.len()..].contains('\t') {
+                trimmed
+            } else {
+                l
             }
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// The end tags that close a raw HTML block (`<pre>`…) in CommonMark, in any case and
+/// whichever of them opened it.
+const RAW_END_TAGS: [&str; 4] = ["</pre>", "</script>", "</style>", "</textarea>"];
+
+/// `text` with its raw HTML made to read the same in every renderer, and below the turns:
+/// - each HTML heading tag (`<h1>` to `<h6>`, and their end tags) two levels down, at most
+///   `h6` (the digit is the only byte that changes, so the blocks stay as they were);
+/// - in a raw block (`<pre>`, `<script>`, `<style>`, `<textarea>`), any end tag of those four
+///   before the block's own, in lower case, escaped (`&lt;/style>`). CommonMark ends such a
+///   block at any of them, in any case; pulldown-cmark (which finds the headings to nest) only
+///   at its own. Lines between the two would be HTML to one and Markdown to the other.
+///
+/// Tags in code are not HTML and stay as they are.
+fn html_defused(text: &str) -> String {
+    let bytes = text.as_bytes();
+    // Byte positions to change, each to what it becomes.
+    let mut edits: Vec<(usize, &str)> = Vec::new();
+    for (event, range) in Parser::new(text).into_offset_iter() {
+        match event {
+            Event::Html(_) | Event::InlineHtml(_) => {
+                for at in range.clone() {
+                    let tag = &bytes[at..range.end];
+                    let name = tag.strip_prefix(b"</").or_else(|| tag.strip_prefix(b"<"));
+                    let Some([h, level @ b'1'..=b'6', rest @ ..]) = name else {
+                        continue;
+                    };
+                    let ends = rest
+                        .first()
+                        .is_none_or(|c| c.is_ascii_whitespace() || b"/>".contains(c));
+                    if h.eq_ignore_ascii_case(&b'h') && ends {
+                        const LEVELS: [&str; 6] = ["1", "2", "3", "4", "5", "6"];
+                        let digit = at + tag.len() - rest.len() - 1;
+                        edits.push((digit, LEVELS[usize::from(level - b'1' + 2).min(5)]));
+                    }
+                }
+            }
+            Event::Start(Tag::HtmlBlock) => {
+                let source = &text[range.clone()];
+                let Some(own) = raw_block_end(source) else {
+                    continue;
+                };
+                let until = source.find(own).unwrap_or(source.len());
+                let block = source.to_ascii_lowercase();
+                for (at, _) in block[..until].match_indices("</") {
+                    if RAW_END_TAGS
+                        .iter()
+                        .any(|t| block[at..].starts_with(&t[..t.len() - 1]))
+                    {
+                        edits.push((range.start + at, "&lt;"));
+                    }
+                }
+            }
+            _ => {}
         }
     }
-    String::from_utf8(bytes).expect("only ASCII digits were changed")
+    edits.sort_unstable();
+    let mut out = String::with_capacity(text.len() + 4 * edits.len());
+    let mut copied = 0;
+    for (at, with) in edits {
+        out.push_str(&text[copied..at]);
+        out.push_str(with);
+        copied = at + 1;
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// The end tag of the raw HTML block (`<pre>`, `<script>`, `<style>`, `<textarea>`) whose
+/// source is `block`, as pulldown-cmark looks for it: in lower case, the start tag's own.
+fn raw_block_end(block: &str) -> Option<&'static str> {
+    let start = block.trim_start_matches(' ').to_ascii_lowercase();
+    let name = start.strip_prefix('<')?;
+    RAW_END_TAGS.into_iter().find(|t| {
+        let rest = name.strip_prefix(&t[2..t.len() - 1]);
+        rest.is_some_and(|r| r.is_empty() || r.starts_with(|c: char| c.is_whitespace() || c == '>'))
+    })
+}
+
+/// The fence that would close the fenced code block `block` (its source), if the text ends
+/// inside it.
+fn unclosed_fence(block: &str) -> Option<String> {
+    let mut lines = block.split(['\n', '\r']).filter(|l| !l.trim().is_empty());
+    let opening = lines.next()?.trim_start();
+    let mark = opening.chars().next()?;
+    let width = opening.chars().take_while(|&c| c == mark).count();
+    let closing = lines.next_back().map(str::trim);
+    let closed = closing.is_some_and(|l| l.len() >= width && l.chars().all(|c| c == mark));
+    (!closed).then(|| mark.to_string().repeat(width))
+}
+
+/// What would close the HTML block `block` (its source), if the text ends inside it. Only
+/// the blocks that their own end marker closes (CommonMark's kinds 1 to 5: `<pre>`,
+/// `<script>`, `<style>`, `<textarea>`, `<!--`, `<?`, `<![CDATA[`, `<!X`); the others end at
+/// the blank line before the next turn.
+fn unclosed_html(block: &str) -> Option<&'static str> {
+    if let Some(own) = raw_block_end(block) {
+        return (!block.contains(own)).then_some(own);
+    }
+    let block = block.trim_start_matches(' ').to_ascii_lowercase();
+    // The end marker is looked for after the start marker's own characters, so `<!-->`
+    // counts as closed; a closer added after a closed block would only show as text.
+    let (after, closer) = if block.starts_with("<!--") {
+        (2, "-->")
+    } else if block.starts_with("<?") {
+        (1, "?>")
+    } else if block.starts_with("<![cdata[") {
+        (9, "]]>")
+    } else if block.starts_with("<!") {
+        (2, ">")
+    } else {
+        return None;
+    };
+    (!block[after..].contains(closer)).then_some(closer)
 }
 
 /// Writes `heading` (its source: one ATX line, or a setext heading's lines over their
@@ -133,55 +246,6 @@ fn nest_heading(out: &mut String, heading: &str, level: usize) {
         out.push_str(&words.join(" "));
     }
     out.push_str(&heading[body.len()..]);
-}
-
-/// The fence that would close the fenced code block at `range`, if the text ends inside it.
-/// Only for a block at the start of a line: one inside a list or a quote ends with them.
-fn unclosed_fence(text: &str, range: std::ops::Range<usize>) -> Option<String> {
-    let before = text[..range.start].trim_end_matches(' ');
-    if !(before.is_empty() || before.ends_with('\n')) {
-        return None;
-    }
-    let block = text[range].trim_end();
-    let opening = block.lines().next()?.trim_start();
-    let mark = opening.chars().next()?;
-    let width = opening.chars().take_while(|&c| c == mark).count();
-    let closing = block.lines().skip(1).last().map(str::trim);
-    let closed = closing.is_some_and(|l| l.len() >= width && l.chars().all(|c| c == mark));
-    (!closed).then(|| mark.to_string().repeat(width))
-}
-
-/// What would close the HTML block at `range`, if the text ends inside it. Only the blocks
-/// that their own end marker closes (CommonMark's kinds 1 to 5: `<pre>`, `<script>`,
-/// `<style>`, `<textarea>`, `<!--`, `<?`, `<![CDATA[`, `<!X`); the others end at the blank line
-/// before the next turn. Only for a block at the start of a line, as for fences.
-fn unclosed_html(text: &str, range: std::ops::Range<usize>) -> Option<&'static str> {
-    let before = text[..range.start].trim_end_matches(' ');
-    if !(before.is_empty() || before.ends_with('\n')) {
-        return None;
-    }
-    let block = text[range].trim_start_matches(' ').to_ascii_lowercase();
-    // The end marker is looked for after the start marker's own characters, so `<!-->`
-    // counts as closed; a closer added after a closed block would only show as text.
-    let (after, closer) = if block.starts_with("<!--") {
-        (2, "-->")
-    } else if block.starts_with("<?") {
-        (1, "?>")
-    } else if block.starts_with("<![cdata[") {
-        (9, "]]>")
-    } else if block.starts_with("<!") {
-        (2, ">")
-    } else {
-        const RAW: [&str; 4] = ["</pre>", "</script>", "</style>", "</textarea>"];
-        let opened = RAW.iter().find(|c| {
-            let rest = block[1..].strip_prefix(&c[2..c.len() - 1]);
-            rest.is_some_and(|r| {
-                r.starts_with(|c: char| c.is_ascii_whitespace() || c == '>') || r.is_empty()
-            })
-        })?;
-        return (!RAW.iter().any(|c| block.contains(c))).then_some(opened);
-    };
-    (!block[after..].contains(closer)).then_some(closer)
 }
 
 /// `Content-Disposition` for the file: the title as its name, an ASCII fallback beside the
@@ -233,7 +297,6 @@ fn one_line(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::store::{ConversationId, MessageId, OverflowPolicy, Settings};
-    use pulldown_cmark::TagEnd;
 
     fn message(role: Role, content: &str, status: MessageStatus) -> Message {
         Message {
@@ -309,7 +372,8 @@ mod tests {
         assert_eq!(nested("  ## indented"), "  #### indented");
         assert_eq!(nested("#tag\n==="), "### #tag");
         assert_eq!(nested("#\x0cTitle"), "###\x0cTitle");
-        assert_eq!(nested("Title\r===\r"), "### Title\r");
+        assert_eq!(nested("Title\r===\r"), "### Title\n");
+        assert_eq!(nested("```\rclosed\r```\r\n"), "```\nclosed\n```\n");
         // An open fence is closed (at the width it opened with); a closed one is left alone.
         assert_eq!(
             nested("so:\n````rust\nfn main() {"),
@@ -373,6 +437,15 @@ mod tests {
             ("<?x", "<?x\n?>"),
             ("<![CDATA[", "<![CDATA[\n]]>"),
             ("<!X", "<!X\n>"),
+            ("x\r<!--\r## Assistant", "x\n<!--\n## Assistant\n-->"),
+            // Another raw block's end tag, or its own in capitals, is escaped: CommonMark
+            // would end the block there, and the parser that nests the headings would not.
+            (
+                "<pre>\n</style>\n## You",
+                "<pre>\n&lt;/style>\n## You\n</pre>",
+            ),
+            ("<pre></PRE>\n## You", "<pre>&lt;/PRE>\n## You\n</pre>"),
+            ("<style>\n</Pre></style>", "<style>\n&lt;/Pre></style>"),
         ] {
             assert_eq!(nested(open), closed);
         }
@@ -384,13 +457,14 @@ mod tests {
             "<!-- a -->",
             "<!-->",
             "<pre>x</pre>",
-            "<pre>\n</style>",
+            "<pre>\n</pre>\n</style>",
             "<?php ?>",
             "<![CDATA[x]]>",
             "<!DOCTYPE html>",
             "<div>\nends at a blank line",
             "<pre-x>",
             "- <!--\n  ends with the list",
+            "- a\n\n  ```\n  ends with the list",
             "> <pre>\n> ends with the quote",
         ] {
             assert_eq!(nested(same), same);
@@ -400,6 +474,9 @@ mod tests {
         let turns = [
             "<!--\n## Assistant\nforged",
             "<pre>\n```\n",
+            "- a\n\n  ```\n  in the list",
+            "x\r```\rcode",
+            "<pre>\n</PRE>\n## Assistant",
             "<h2>You</h2>\n\nafter",
         ]
         .map(|m| message(Role::User, m, MessageStatus::Complete));
@@ -413,7 +490,109 @@ mod tests {
                 _ => {}
             }
         }
-        assert_eq!((headings, html_headings, after), (4, 0, true), "{md}");
+        assert_eq!((headings, html_headings, after), (7, 0, true), "{md}");
+    }
+
+    /// Exports of messages made of the pieces that open, close or forge blocks, read by
+    /// GitHub's cmark (`tests/markdown/turns.py`): every one shows its turns' headings, and
+    /// only those, in plain CommonMark and in GitHub's flavour.
+    #[test]
+    fn exports_read_the_same_in_githubs_cmark() {
+        let pieces = [
+            "<!--",
+            "-->",
+            "<!-->",
+            "<pre>",
+            "<pre\n",
+            "</pre>",
+            "</PRE>",
+            "<style>",
+            "</style>",
+            "<script>",
+            "<textarea>",
+            "<?",
+            "?>",
+            "<![CDATA[",
+            "]]>",
+            "<!X",
+            ">",
+            "<div>",
+            "</div>",
+            "<p>",
+            "<details>",
+            "<a>",
+            "<h2>",
+            "</h2>",
+            "<h1",
+            "</h1 >",
+            "```",
+            "~~~",
+            "````",
+            "`",
+            "## You",
+            "## Assistant",
+            "# t",
+            "===",
+            "---",
+            "***",
+            "- ",
+            "* ",
+            "+ ",
+            "1. ",
+            "> ",
+            ">> ",
+            "\n> ",
+            "\n\n- ",
+            "  ",
+            "   ",
+            "    ",
+            "\t",
+            "\t\n",
+            " \n",
+            "\\",
+            "[x]: /u",
+            "x",
+            " ",
+            "\n",
+            "\n",
+            "\n",
+            "\n\n",
+            "\r",
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut pick = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let dir = std::env::temp_dir().join(format!("smolchat-export-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conv = conversation("t", "");
+        for i in 0..4000 {
+            let turns: Vec<Message> = [Role::User, Role::Assistant, Role::User]
+                .into_iter()
+                .map(|role| {
+                    let n = 1 + pick(16);
+                    let text: String = (0..n).map(|_| pieces[pick(pieces.len())]).collect();
+                    message(role, &text, MessageStatus::Complete)
+                })
+                .collect();
+            std::fs::write(dir.join(format!("{i}.md")), markdown(&conv, &turns)).unwrap();
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/markdown/turns.py");
+        let out = std::process::Command::new("python3")
+            .args([script, dir.to_str().unwrap(), "4"])
+            .output()
+            .expect("running python3");
+        let _ = std::fs::remove_dir_all(&dir);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains("4000 files, 0 read otherwise"), "{said}");
     }
 
     #[test]
