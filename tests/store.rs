@@ -648,6 +648,21 @@ async fn a_link_code_signs_another_browser_in_once_and_brings_its_conversations_
         Some(carol)
     );
     assert!(store.list_conversations(carol).await.unwrap().is_empty());
+    // A tab of this browser still open as Carol creates nothing for her any more (it would
+    // land where this browser no longer looks); her phone still does.
+    let settings = Settings::default();
+    assert!(matches!(
+        store
+            .create_conversation_for(Some(&carols_browser), carol, "late", "", &settings, false)
+            .await,
+        Err(StoreError::SignedOut)
+    ));
+    assert!(store.list_conversations(carol).await.unwrap().is_empty());
+    let phones = store
+        .create_conversation_for(Some(&carols_phone), carol, "", "", &settings, false)
+        .await
+        .unwrap();
+    store.delete_conversation(carol, phones.id).await.unwrap();
 
     // A code ten minutes old is no code.
     let code = store.create_link_code(alice).await.unwrap();

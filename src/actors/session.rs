@@ -63,7 +63,7 @@ impl SessionError {
 impl From<StoreError> for SessionError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound => SessionError::NotFound,
+            StoreError::NotFound | StoreError::SignedOut => SessionError::NotFound,
             StoreError::Invalid(m) => SessionError::Invalid { message: m },
             StoreError::TooManyConversations(limit) => SessionError::TooManyConversations { limit },
             StoreError::Busy => SessionError::Generating,

@@ -48,6 +48,7 @@ pub(super) fn store_error(e: StoreError) -> Response {
         | StoreError::WouldHide(_)
         | StoreError::TooManyLogins(_) => error(StatusCode::CONFLICT, code, &e.to_string()),
         StoreError::BadLinkCode => error(StatusCode::BAD_REQUEST, code, &e.to_string()),
+        StoreError::SignedOut => error(StatusCode::UNAUTHORIZED, code, &e.to_string()),
         StoreError::Db(e) => {
             tracing::error!(error = %e, "storage error");
             error(StatusCode::INTERNAL_SERVER_ERROR, code, "storage error")

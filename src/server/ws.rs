@@ -345,6 +345,7 @@ impl Socket {
                 let c = create_conversation(&st, token, self.user, self.address, &new)
                     .await
                     .map_err(|e| match e {
+                        NotCreated::Store(e @ StoreError::SignedOut) => (e.code(), e.to_string()),
                         NotCreated::Store(e) => store_refusal(e),
                         e => (e.code(), e.to_string()),
                     })?;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
-use super::{check_text, now_ms, Result, Store, StoreError};
+use super::{check_text, hash_token, now_ms, Result, Store, StoreError};
 use super::{
     Conversation, ConversationId, ConversationPatch, ListCursor, Message, MessageId,
     MessageOutcome, MessageStatus, OverflowPolicy, Role, SearchHit, Settings, UserId,
@@ -115,7 +115,8 @@ impl Store {
 
     /// [`Self::create_conversation`] for an owner who called with `token`: a visitor not
     /// stored yet is stored with it (see [`Store::new_visitor`]), in the same transaction, so
-    /// a refused conversation stores nothing.
+    /// a refused conversation stores nothing. A token that is no login of `owner` (any more)
+    /// is refused ([`StoreError::SignedOut`]).
     pub async fn create_conversation_for(
         &self,
         token: Option<&str>,
@@ -133,6 +134,18 @@ impl Store {
         let mut tx = self.begin().await?;
         if let Some(t) = token {
             self.store_visitor(&mut tx, t, owner).await?;
+            // Checked in the transaction that writes: a login that went a moment ago (its
+            // browser's conversations moved to another user with it) creates nothing.
+            let signed_in: bool = sqlx::query_scalar(
+                "SELECT EXISTS(SELECT 1 FROM login_sessions WHERE token_hash = ? AND user_id = ?)",
+            )
+            .bind(hash_token(t))
+            .bind(owner.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+            if !signed_in {
+                return Err(StoreError::SignedOut);
+            }
         }
         let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations WHERE owner_id = ?")
             .bind(owner.to_string())

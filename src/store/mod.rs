@@ -49,6 +49,10 @@ pub enum StoreError {
     /// The user holds as many logins as they may.
     #[error("already signed in on {0} browsers and programs: sign the others out first")]
     TooManyLogins(usize),
+    /// The login the request came with went meanwhile (signed out from elsewhere, or its
+    /// browser signed in as someone else).
+    #[error("this browser's login went (signed out, or signed in elsewhere): reload the page")]
+    SignedOut,
     /// An answer is being written where the change would move it.
     #[error("an answer is still being written in this browser: try again when it is done")]
     Busy,
@@ -66,6 +70,7 @@ impl StoreError {
             StoreError::WouldHide(_) => "would_hide_conversations",
             StoreError::TooManyLogins(_) => "too_many_logins",
             StoreError::Busy => "already_generating",
+            StoreError::SignedOut => "signed_out",
             StoreError::Db(_) => "storage_error",
         }
     }
