@@ -1391,6 +1391,18 @@ async fn a_link_signs_another_browser_in_and_its_conversations_go_on_there() {
     until(&mut a, "snapshot").await;
     let list = get_json(&http, format!("{origin}/api/conversations"), &alice).await;
     assert_eq!(list["conversations"].as_array().unwrap().len(), 2, "{list}");
+
+    // A browser that never stored anything signs in too: its other tab, open as the visitor
+    // it was, is told so (that visitor's token names no one now).
+    let dave = visitor(srv.addr).await;
+    let mut d = connect(srv.addr, &dave).await;
+    let r = post("/api/link", &alice, json!({})).await.unwrap();
+    let code = r.json::<Value>().await.unwrap()["code"].clone();
+    let r = post("/api/link/redeem", &dave, json!({ "code": code }))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(close_code(&mut d).await, 4401);
     srv.shutdown().await;
 }
 

@@ -57,6 +57,8 @@ pub async fn upgrade(
             "this origin may not open the socket",
         );
     }
+    // Before the token is looked up: a sign-out between the two still reaches the socket.
+    let identity_changes = state.identity_changes.subscribe();
     let user = match identity::user(&state, &headers).await {
         Ok(Some(user)) => user,
         Ok(None) => {
@@ -82,7 +84,12 @@ pub async fn upgrade(
         .max_message_size(limit)
         .on_upgrade(move |socket| async move {
             metrics::gauge!("smolchat_ws_connections").increment(1.0);
-            run(state.clone(), user, token, address, socket).await;
+            let who = Who {
+                user,
+                token,
+                address,
+            };
+            run(state.clone(), who, identity_changes, socket).await;
             metrics::gauge!("smolchat_ws_connections").decrement(1.0);
             drop(slot);
         })
@@ -143,13 +150,24 @@ struct Socket {
     >,
 }
 
-async fn run(
-    state: Arc<AppState>,
+/// Whom a socket is for: its user, the token it was opened with, and where it came from.
+struct Who {
     user: UserId,
     token: Option<String>,
     address: IpAddr,
+}
+
+async fn run(
+    state: Arc<AppState>,
+    who: Who,
+    mut identity_changes: broadcast::Receiver<(UserId, &'static str)>,
     socket: WebSocket,
 ) {
+    let Who {
+        user,
+        token,
+        address,
+    } = who;
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<Outgoing>(OUTBOX);
     let write_timeout = state.limits.write_timeout;
@@ -194,7 +212,6 @@ async fn run(
     })
     .await;
     let mut shutdown = state.shutdown.clone();
-    let mut identity_changes = state.identity_changes.subscribe();
     let mut bad_frames = 0usize;
     loop {
         let frame = tokio::select! {
@@ -261,6 +278,10 @@ async fn run(
                     metrics::counter!("smolchat_errors_total", "code" => code).increment(1);
                     s.send(ServerEvent::error(code, message, rid.as_deref()))
                         .await;
+                    if code == StoreError::SignedOut.code() {
+                        s.close(4401, "signed out").await;
+                        break;
+                    }
                 }
             }
             Err(e) => {

@@ -97,6 +97,13 @@ impl Store {
         }
         if let Some(by) = by.filter(|b| b.user != user) {
             let from = by.user.to_string();
+            // A visitor not stored yet is stored now, with no login: their token names no one
+            // from here on, so this browser's other tabs sign out too.
+            sqlx::query("INSERT OR IGNORE INTO users (id, created_at) VALUES (?, ?)")
+                .bind(&from)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
             let count = |owner: &str| {
                 sqlx::query_scalar::<_, i64>(
                     "SELECT COUNT(*) FROM conversations WHERE owner_id = ?",
