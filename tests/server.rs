@@ -1058,7 +1058,8 @@ async fn a_send_refused_at_the_generation_limit_uses_up_no_message_of_the_minute
     };
     send(&mut a, ask(&ca, "long")).await;
     assert_eq!(reply_to(&mut a, "long").await, "ok");
-    // Three refusals while the long answer runs: with one message of the minute left.
+    // Three refusals while the long answer runs, with two messages of the minute left: were
+    // refusals counted, the third would be rate_limited.
     for i in 0..3 {
         let rid = format!("r{i}");
         send(&mut b, ask(&cb, &rid)).await;

@@ -40,8 +40,13 @@ fn refusal(e: SessionError) -> Refusal {
     (e.code(), e.to_string())
 }
 
+/// A store error as the socket tells it: `signed_out` as such (the socket then closes), the
+/// rest as the sessions name them.
 fn store_refusal(e: StoreError) -> Refusal {
-    refusal(e.into())
+    match e {
+        StoreError::SignedOut => (e.code(), e.to_string()),
+        e => refusal(e.into()),
+    }
 }
 
 pub async fn upgrade(
@@ -84,12 +89,15 @@ pub async fn upgrade(
         .max_message_size(limit)
         .on_upgrade(move |socket| async move {
             metrics::gauge!("smolchat_ws_connections").increment(1.0);
-            let who = Who {
+            run(
+                state.clone(),
                 user,
                 token,
                 address,
-            };
-            run(state.clone(), who, identity_changes, socket).await;
+                identity_changes,
+                socket,
+            )
+            .await;
             metrics::gauge!("smolchat_ws_connections").decrement(1.0);
             drop(slot);
         })
@@ -150,24 +158,15 @@ struct Socket {
     >,
 }
 
-/// Whom a socket is for: its user, the token it was opened with, and where it came from.
-struct Who {
+/// Serves one socket; `identity_changes` was subscribed to before its user was looked up.
+async fn run(
+    state: Arc<AppState>,
     user: UserId,
     token: Option<String>,
     address: IpAddr,
-}
-
-async fn run(
-    state: Arc<AppState>,
-    who: Who,
     mut identity_changes: broadcast::Receiver<(UserId, &'static str)>,
     socket: WebSocket,
 ) {
-    let Who {
-        user,
-        token,
-        address,
-    } = who;
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<Outgoing>(OUTBOX);
     let write_timeout = state.limits.write_timeout;
@@ -366,7 +365,6 @@ impl Socket {
                 let c = create_conversation(&st, token, self.user, self.address, &new)
                     .await
                     .map_err(|e| match e {
-                        NotCreated::Store(e @ StoreError::SignedOut) => (e.code(), e.to_string()),
                         NotCreated::Store(e) => store_refusal(e),
                         e => (e.code(), e.to_string()),
                     })?;

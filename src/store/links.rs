@@ -64,9 +64,10 @@ impl Store {
     }
 
     /// [`Store::redeem_link_code`], calling `hold` with `by`'s user once the code is good
-    /// and that user's conversations are about to move, and keeping what it returns until the move is
-    /// committed or refused. The server holds back the answers that would start meanwhile;
-    /// `hold`'s error refuses the move, as every other refusal does, with nothing changed.
+    /// and that user's conversations are about to move, and keeping what it returns until
+    /// the move is committed or refused. The server holds back the answers that would start
+    /// meanwhile; `hold`'s error refuses the move, as every other refusal does, with nothing
+    /// changed.
     pub async fn redeem_link_code_holding<G>(
         &self,
         code: &str,

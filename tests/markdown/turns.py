@@ -3,7 +3,8 @@
 package cmarkgfm, pinned below), in plain CommonMark and in GitHub's flavour, raw HTML kept:
 each file must show exactly its turns' headings at levels 1 and 2, no more and no fewer.
 
-Usage: turns.py DIR HEADINGS. Installs cmarkgfm into ~/.cache/smolchat/python when missing.
+Usage: turns.py DIR HEADINGS, or turns.py --install (only install). Installs cmarkgfm into
+~/.cache/smolchat/python when missing.
 """
 import glob
 import os
@@ -29,6 +30,9 @@ except ImportError:
         import cmarkgfm
 from cmarkgfm.cmark import Options
 
+if sys.argv[1:] == ["--install"]:
+    print(f"{PIN} ready")
+    sys.exit(0)
 folder, want = sys.argv[1], int(sys.argv[2])
 renderers = {
     "CommonMark": cmarkgfm.markdown_to_html,
