@@ -9,7 +9,7 @@ use smolchat::cli::{self, generate::EndTokens, generate::GenerateArgs};
 use smolchat::engine::quant::GgmlType;
 use smolchat::engine::{
     Architecture, DeviceChoice, KvFormat, LoadOptions, Model, ModelConfig, Placement,
-    SamplingParams,
+    SamplingParams, SyntheticQuant,
 };
 
 #[derive(Parser)]
@@ -246,7 +246,7 @@ enum Command {
         /// Bench a model of this shape with random weights instead of --model.
         #[arg(long, value_enum)]
         synthetic: Option<SyntheticModel>,
-        /// Weight format of the synthetic model.
+        /// Weight format of the synthetic model (`q4_k_m`: llama.cpp's mix of Q4_K and Q6_K).
         #[arg(long, default_value = "q4_k")]
         quant: String,
         /// Packed decode batch sizes to measure.
@@ -623,15 +623,17 @@ fn rand_seed() -> u64 {
         .unwrap_or(0)
 }
 
-fn parse_quant(q: &str) -> Result<GgmlType> {
+fn parse_quant(q: &str) -> Result<SyntheticQuant> {
+    let all = SyntheticQuant::All;
     Ok(match q.to_ascii_lowercase().as_str() {
-        "q4_0" => GgmlType::Q4_0,
-        "q4_1" => GgmlType::Q4_1,
-        "q8_0" => GgmlType::Q8_0,
-        "q4_k" => GgmlType::Q4K,
-        "q6_k" => GgmlType::Q6K,
-        "f16" => GgmlType::F16,
-        other => bail!("unknown --quant {other} (q4_0, q4_1, q8_0, q4_k, q6_k, f16)"),
+        "q4_0" => all(GgmlType::Q4_0),
+        "q4_1" => all(GgmlType::Q4_1),
+        "q8_0" => all(GgmlType::Q8_0),
+        "q4_k" => all(GgmlType::Q4K),
+        "q6_k" => all(GgmlType::Q6K),
+        "f16" => all(GgmlType::F16),
+        "q4_k_m" => SyntheticQuant::Q4KM,
+        other => bail!("unknown --quant {other} (q4_0, q4_1, q8_0, q4_k, q4_k_m, q6_k, f16)"),
     })
 }
 

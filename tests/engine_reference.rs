@@ -9,6 +9,8 @@ use common::reference::{
 };
 use common::{data, ids, json, jsonl};
 use smolchat::engine::gguf::GgufFile;
+use smolchat::engine::matmul::{matmul, QMatrix, QuantizedRows, SharedBytes};
+use smolchat::engine::quant::{dequantize_row, GgmlType};
 use smolchat::engine::{Architecture, ChatMessage, Engine, EngineError, KvFormat, Model};
 
 #[test]
@@ -431,4 +433,139 @@ fn the_model_file_is_given_back_after_loading_and_stays_so() {
         after_load < 256 && after_use < 256,
         "{after_load} / {after_use} kB"
     );
+}
+
+/// One case of tests/data/quants/reference.json: random blocks of a GGUF type and their values
+/// as llama.cpp's gguf-py dequantizes them.
+struct QuantCase {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    raw: Vec<u8>,
+    values: Vec<f32>,
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+fn quant_cases() -> Vec<QuantCase> {
+    let r = json("quants/reference.json");
+    r["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let ty = match c["type"].as_str().unwrap() {
+                "Q4_0" => GgmlType::Q4_0,
+                "Q4_1" => GgmlType::Q4_1,
+                "Q5_0" => GgmlType::Q5_0,
+                "Q5_1" => GgmlType::Q5_1,
+                "Q8_0" => GgmlType::Q8_0,
+                "Q4_K" => GgmlType::Q4K,
+                "Q5_K" => GgmlType::Q5K,
+                "Q6_K" => GgmlType::Q6K,
+                other => panic!("fixture type {other}"),
+            };
+            let values = hex(c["values"].as_str().unwrap())
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            QuantCase {
+                ty,
+                rows: c["rows"].as_u64().unwrap() as usize,
+                cols: c["cols"].as_u64().unwrap() as usize,
+                raw: hex(c["raw"].as_str().unwrap()),
+                values,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_weight_type_dequantizes_to_llama_cpps_values() {
+    let cases = quant_cases();
+    assert_eq!(cases.len(), 8);
+    for c in &cases {
+        let rb = c.ty.row_bytes(c.cols);
+        assert_eq!(c.raw.len(), rb * c.rows);
+        for r in 0..c.rows {
+            let mut row = vec![0f32; c.cols];
+            dequantize_row(c.ty, &c.raw[r * rb..(r + 1) * rb], &mut row);
+            let want = &c.values[r * c.cols..(r + 1) * c.cols];
+            for (i, (got, want)) in row.iter().zip(want).enumerate() {
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{:?} row {r} value {i}",
+                    c.ty
+                );
+            }
+        }
+    }
+}
+
+/// Each row of the CPU's copy of a weight matrix (the interleaved one where the kernels use
+/// it) and its products with activations, against llama.cpp's values: products within the
+/// bound that 8-bit activations allow (plus 2^-11 of each block's size where the copy keeps
+/// a K-quant's sub-block scales in f16), the rows exact or within that rounding.
+#[test]
+fn every_weight_types_matmul_stays_within_the_8_bit_bound_of_llama_cpps_values() {
+    for c in quant_cases() {
+        let bytes: SharedBytes = std::sync::Arc::new(c.raw.clone());
+        let mut w = QMatrix::new(c.ty, c.rows, c.cols, bytes, 0);
+        let interleaved = w.interleave();
+        let rounded_scales = interleaved && matches!(c.ty, GgmlType::Q4K | GgmlType::Q6K);
+        for r in 0..c.rows {
+            let mut row = vec![0f32; c.cols];
+            w.dequantize_row(r, &mut row);
+            let want = &c.values[r * c.cols..(r + 1) * c.cols];
+            for (got, want) in row.chunks(32).zip(want.chunks(32)) {
+                // Random nibbles reach both ends of each block and the min is one of them, so
+                // each rounded scale is within 2^-11 of at most twice the block's largest value.
+                let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let tol = if rounded_scales {
+                    4.0 * top / 2048.0
+                } else {
+                    0.0
+                };
+                for (g, w) in got.iter().zip(want) {
+                    assert!((g - w).abs() <= tol, "{:?} row {r}: {g} against {w}", c.ty);
+                }
+            }
+        }
+        for m in [1, 3, 8, 13] {
+            let x: Vec<f32> = (0..m * c.cols)
+                .map(|i| ((i as f32 * 0.731).sin() * 2.0) + if i % 7 == 0 { 5.0 } else { 0.0 })
+                .collect();
+            let q = QuantizedRows::new(&x, c.cols, false);
+            let mut out = vec![0f32; m * c.rows];
+            matmul(&q, &w, &mut out);
+            for a in 0..m {
+                let xa = &x[a * c.cols..(a + 1) * c.cols];
+                for r in 0..c.rows {
+                    let wr = &c.values[r * c.cols..(r + 1) * c.cols];
+                    let exact: f64 = wr.iter().zip(xa).map(|(w, x)| *w as f64 * *x as f64).sum();
+                    // Each activation is off by at most half a step of its block (amax/127).
+                    let mut bound = 1e-4;
+                    for (wb, xb) in wr.chunks(32).zip(xa.chunks(32)) {
+                        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                        let wsum: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                        let wtop = wb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                        let xsum: f64 = xb.iter().map(|v| v.abs() as f64).sum();
+                        bound += wsum * amax / 254.0 * 1.01 + wtop * xsum * 4.0 / 2048.0;
+                    }
+                    let got = out[a * c.rows + r] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "{:?} (interleaved: {interleaved}), {m} rows, row {a}·{r}: {got} against {exact} (bound {bound})",
+                        c.ty
+                    );
+                }
+            }
+        }
+    }
 }

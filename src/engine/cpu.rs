@@ -26,8 +26,11 @@ impl std::ops::Deref for CpuWeights {
 pub(super) fn matrix(raw: RawMatrix) -> QMatrix {
     let mut m = QMatrix::new(raw.ty, raw.rows, raw.cols, raw.bytes, raw.start);
     if m.interleave() {
-        if let Some(release) = raw.release {
-            release();
+        match raw.release {
+            Some(release) => release(),
+            None => {
+                m.drop_plain_copy();
+            }
         }
     }
     m

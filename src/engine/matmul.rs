@@ -28,6 +28,8 @@ pub struct QMatrix {
     start: usize,
     /// The same weights in groups of 8 rows for the AVX2 kernel (see [`interleaved`]).
     interleaved: Option<Arc<Vec<u8>>>,
+    /// Whether `bytes` still holds the weights as loaded (see [`Self::drop_plain_copy`]).
+    plain: bool,
 }
 
 impl QMatrix {
@@ -40,14 +42,27 @@ impl QMatrix {
             bytes,
             start,
             interleaved: None,
+            plain: true,
         }
     }
 
+    /// Frees the weights as loaded once the interleaved copy serves every read, when this
+    /// matrix alone owns them (random weights; a mapped file is released by the loader).
+    /// Returns whether it did.
+    pub fn drop_plain_copy(&mut self) -> bool {
+        if self.interleaved.is_some() && Arc::strong_count(&self.bytes) == 1 {
+            self.bytes = Arc::new(Vec::<u8>::new());
+            self.start = 0;
+            self.plain = false;
+        }
+        !self.plain
+    }
+
     /// Adds the 8-row interleaved copy that the AVX2 kernels prefer, where it applies (Q4_0,
-    /// Q4_1 and Q8_0, rows a multiple of 8, a CPU with AVX2).
+    /// Q4_1, Q4_K, Q6_K and Q8_0, rows a multiple of 8, a CPU with AVX2).
     /// Returns whether it did.
     pub fn interleave(&mut self) -> bool {
-        if matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        if interleaved::interleaves(self.ty)
             && self.rows.is_multiple_of(8)
             && super::simd::has_avx2()
         {
@@ -57,7 +72,12 @@ impl QMatrix {
         self.interleaved.is_some()
     }
 
+    /// The weights as loaded (not after [`Self::drop_plain_copy`]).
     pub fn data(&self) -> &[u8] {
+        assert!(
+            self.plain,
+            "the weights as loaded were dropped for the interleaved copy"
+        );
         let len = self.ty.row_bytes(self.cols) * self.rows;
         &(*self.bytes).as_ref()[self.start..self.start + len]
     }
@@ -78,10 +98,8 @@ impl QMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         match &self.interleaved {
             Some(packed) => {
-                let mut blk = [0u8; 34];
                 for (b, out) in out.chunks_exact_mut(32).enumerate() {
-                    let n = interleaved::block_of(self.ty, packed, (self.cols, r, b), &mut blk);
-                    dequantize_row(self.ty, &blk[..n], out);
+                    interleaved::dequantize_block(self.ty, packed, (self.cols, r, b), out);
                 }
             }
             None => dequantize_row(self.ty, self.row(r), out),
@@ -203,7 +221,6 @@ pub fn matmul(x: &QuantizedRows, w: &QMatrix, out: &mut [f32]) {
 fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) {
     let n = w.rows;
     let rb = w.row_bytes();
-    let data = w.data();
     let float = x.precise || matches!(w.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     let avx2 = super::simd::has_avx2();
     #[cfg(target_arch = "x86_64")]
@@ -236,11 +253,11 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
             let g = (t1 - i).min(ROWS);
             let rows: [&[BlockQ8]; ROWS] = std::array::from_fn(|a| x.row(i + a.min(g - 1)));
             for r in r0..r1 {
-                let wrow = &data[r * rb..(r + 1) * rb];
                 let mut acc = [0f32; ROWS];
                 if float {
-                    dot_float_rows(w.ty, wrow, x, i, g, &mut acc);
+                    dot_float_rows(w, r, x, i, g, &mut acc);
                 } else {
+                    let wrow = &w.data()[r * rb..(r + 1) * rb];
                     dot_rows_with(avx2, w.ty, wrow, &rows[..g], &mut acc);
                 }
                 for (a, v) in acc.iter().enumerate().take(g) {
@@ -252,16 +269,21 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
     }
 }
 
+/// Row `r` of `wm` (as loaded where it still is) against up to [`ROWS`] f32 rows.
 fn dot_float_rows(
-    ty: GgmlType,
-    wrow: &[u8],
+    wm: &QMatrix,
+    r: usize,
     x: &QuantizedRows,
     i: usize,
     g: usize,
     acc: &mut [f32; ROWS],
 ) {
     let mut w = vec![0f32; x.k];
-    dequantize_row(ty, wrow, &mut w);
+    if wm.plain {
+        dequantize_row(wm.ty, wm.row(r), &mut w);
+    } else {
+        wm.dequantize_row(r, &mut w);
+    }
     for (a, out) in acc.iter_mut().enumerate().take(g) {
         let xr = &x.f32_rows[(i + a) * x.k..(i + a + 1) * x.k];
         *out = super::simd::dot(&w, xr);
@@ -524,6 +546,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::simd::has_avx2;
 
     fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut s = seed;
@@ -591,19 +614,38 @@ mod tests {
 
     #[test]
     fn interleaved_kernels_match_the_plain_kernels() {
-        let (k, n, m) = (128, 24, 5);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let bytes: SharedBytes = Arc::new(random_row(ty, k * n, 11));
+        let (k, n, m) = (512, 24, 5);
+        let all = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+            GgmlType::Q8_0,
+        ];
+        for ty in all {
+            let raw = random_row(ty, k * n, 11);
+            let bytes: SharedBytes = Arc::new(raw.clone());
             let plain = QMatrix::new(ty, n, k, bytes.clone(), 0);
             let mut il = QMatrix::new(ty, n, k, bytes, 0);
-            il.interleave();
+            assert!(!has_avx2() || il.interleave(), "{ty:?} is interleaved");
             let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.91).sin()).collect();
             let q = QuantizedRows::new(&x, k, false);
             let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
             matmul(&q, &plain, &mut a);
             matmul(&q, &il, &mut b);
-            for (u, v) in a.iter().zip(&b) {
-                assert!((u - v).abs() < 1e-3 * (1.0 + u.abs()), "{ty:?}: {u} vs {v}");
+            // The copy keeps a K-quant's multiplied-out scales in f16: within 2^-11 of each
+            // part of a value (at most twice the largest |w| of its row here).
+            let mut w = vec![0f32; k];
+            for (j, (u, v)) in a.iter().zip(&b).enumerate() {
+                let (i, r) = (j / n, j % n);
+                dequantize_row(ty, &raw[r * ty.row_bytes(k)..][..ty.row_bytes(k)], &mut w);
+                let top = w.iter().fold(0f32, |t, v| t.max(v.abs()));
+                let xs: f32 = x[i * k..(i + 1) * k].iter().map(|v| v.abs()).sum();
+                let tol = match ty {
+                    GgmlType::Q4K | GgmlType::Q6K => 4.0 * top * xs / 2048.0,
+                    _ => 1e-3 * (1.0 + u.abs()),
+                };
+                assert!((u - v).abs() <= tol, "{ty:?}: {u} vs {v}");
             }
             // One row at a time gives the same bits as the batch.
             for i in 0..m {
@@ -616,6 +658,36 @@ mod tests {
                 assert_eq!(&b[i * n..(i + 1) * n], &one[..]);
             }
         }
+    }
+
+    #[test]
+    fn a_matrix_without_its_plain_copy_reads_the_interleaved_one() {
+        if !has_avx2() {
+            return;
+        }
+        let (k, n, m) = (64, 16, 3);
+        let ty = GgmlType::Q4_1;
+        let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.53).sin()).collect();
+        let fresh = || {
+            let mut w = QMatrix::new(ty, n, k, Arc::new(random_row(ty, k * n, 5)), 0);
+            assert!(w.interleave());
+            w
+        };
+        let (kept, mut dropped) = (fresh(), fresh());
+        let shared = kept.clone();
+        assert!(dropped.drop_plain_copy());
+        assert!(!shared.clone().drop_plain_copy(), "a shared copy stays");
+        for precise in [false, true] {
+            let q = QuantizedRows::new(&x, k, precise);
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul(&q, &kept, &mut a);
+            matmul(&q, &dropped, &mut b);
+            assert_eq!(a, b, "precise {precise}");
+        }
+        let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+        kept.dequantize_row(7, &mut a);
+        dropped.dequantize_row(7, &mut b);
+        assert_eq!(a, b);
     }
 
     #[test]

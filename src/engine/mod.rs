@@ -28,7 +28,7 @@ pub use config::{Architecture, ModelConfig};
 pub use device::{DeviceChoice, Placement};
 pub use generate::{FinishReason, SequenceState, StopCondition};
 pub use kv::{KvCache, KvFormat};
-pub use model::{DeviceKernels, LoadOptions, Logits, Model, SeqInput, StepOutput};
+pub use model::{DeviceKernels, LoadOptions, Logits, Model, SeqInput, StepOutput, SyntheticQuant};
 pub use sampler::{Sampler, SamplingParams};
 pub use template::{ChatMessage, ChatTemplate};
 pub use tokenizer::Tokenizer;

@@ -106,9 +106,46 @@ pub(super) enum WeightSource<'a> {
         progress: &'a dyn Fn(u64),
     },
     Random {
-        ty: GgmlType,
+        quant: SyntheticQuant,
+        n_layers: usize,
         state: u64,
     },
+}
+
+/// Weight formats of a model with random weights: one type for every matrix, or the mix that
+/// llama.cpp's quantizer makes for `Q4_K_M` (the flagship's file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyntheticQuant {
+    All(GgmlType),
+    Q4KM,
+}
+
+impl SyntheticQuant {
+    /// The type of tensor `name` in a model of `n_layers`. For `Q4_K_M`, llama.cpp's rule:
+    /// Q6_K for the output projection (the tied embedding table here) and for `attn_v` and
+    /// `ffn_down` in the first and last eighth of the layers and every third layer between,
+    /// Q4_K for the rest.
+    fn type_for(self, name: &str, n_layers: usize) -> GgmlType {
+        let Self::All(ty) = self else {
+            let layer = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok());
+            let eighth = n_layers / 8;
+            let more_bits = |i: usize| i < eighth || i >= 7 * n_layers / 8 || (i - eighth) % 3 == 2;
+            return match layer {
+                None => GgmlType::Q6K,
+                Some(i)
+                    if (name.contains(".attn_v.") || name.contains(".ffn_down."))
+                        && more_bits(i) =>
+                {
+                    GgmlType::Q6K
+                }
+                Some(_) => GgmlType::Q4K,
+            };
+        };
+        ty
+    }
 }
 
 impl<'a> WeightSource<'a> {
@@ -132,11 +169,16 @@ impl<'a> WeightSource<'a> {
                     release: Some(Box::new(move || f.release(t))),
                 })
             }
-            Self::Random { ty, state } => {
+            Self::Random {
+                quant,
+                n_layers,
+                state,
+            } => {
                 // A row that is no whole number of blocks (SmolLM2's 576 in 256-value K-quant
                 // blocks) takes Q8_0, as llama.cpp's quantizer falls back too.
+                let ty = quant.type_for(name, *n_layers);
                 let ty = if cols.is_multiple_of(ty.block().0) {
-                    *ty
+                    ty
                 } else {
                     GgmlType::Q8_0
                 };
@@ -331,21 +373,22 @@ impl Model {
         Self::build(cfg, WeightSource::File { f, progress }, opts)
     }
 
-    /// Builds a model of the given shape with random weights of type `ty` (benchmarks).
-    pub fn synthetic(cfg: ModelConfig, ty: GgmlType, seed: u64) -> Self {
-        Self::synthetic_on(cfg, ty, seed, &LoadOptions::default())
+    /// Builds a model of the given shape with random weights in `quant` (benchmarks).
+    pub fn synthetic(cfg: ModelConfig, quant: SyntheticQuant, seed: u64) -> Self {
+        Self::synthetic_on(cfg, quant, seed, &LoadOptions::default())
             .expect("random weights on the CPU cannot fail")
     }
 
     /// As [`Model::synthetic`], on a chosen device.
     pub fn synthetic_on(
         cfg: ModelConfig,
-        ty: GgmlType,
+        quant: SyntheticQuant,
         seed: u64,
         opts: &LoadOptions,
     ) -> Result<Self, EngineError> {
         let src = WeightSource::Random {
-            ty,
+            quant,
+            n_layers: cfg.n_layers,
             state: seed | 1,
         };
         Self::build(cfg, src, opts)
@@ -583,7 +626,8 @@ mod tests {
     #[test]
     fn random_k_quant_weights_fall_back_where_a_row_is_no_whole_block() {
         let mut src = WeightSource::Random {
-            ty: GgmlType::Q4K,
+            quant: SyntheticQuant::All(GgmlType::Q4K),
+            n_layers: 1,
             state: 3,
         };
         // SmolLM2's 576 columns are no whole number of 256-value Q4_K blocks: Q8_0.
@@ -594,5 +638,28 @@ mod tests {
         let wide = src.matrix("w", 8, 1536).unwrap();
         assert_eq!(wide.ty, GgmlType::Q4K);
         assert_eq!(wide.data().len(), 8 * 6 * 144);
+    }
+
+    #[test]
+    fn the_q4_k_m_mix_gives_q6_k_where_llama_cpp_does() {
+        let ty = |name: &str| SyntheticQuant::Q4KM.type_for(name, 36);
+        assert_eq!(ty("token_embd.weight"), GgmlType::Q6K);
+        // 36 layers: the first 4 and last 5, and 6, 9, … between, get more bits.
+        let more: Vec<usize> = (0..36)
+            .filter(|i| ty(&format!("blk.{i}.ffn_down.weight")) == GgmlType::Q6K)
+            .collect();
+        assert_eq!(
+            more,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34, 35]
+        );
+        assert_eq!(ty("blk.0.attn_v.weight"), GgmlType::Q6K);
+        for name in ["attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"] {
+            assert_eq!(ty(&format!("blk.0.{name}.weight")), GgmlType::Q4K, "{name}");
+        }
+        assert_eq!(ty("blk.4.attn_v.weight"), GgmlType::Q4K);
+        assert_eq!(
+            SyntheticQuant::All(GgmlType::Q8_0).type_for("token_embd.weight", 36),
+            GgmlType::Q8_0
+        );
     }
 }
