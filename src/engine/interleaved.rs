@@ -108,6 +108,36 @@ fn block(ty: GgmlType, row: &[u8], b: usize) -> Block {
     }
 }
 
+/// How far each value of block `b` of GGUF row `row` may move in the copy: nothing, except
+/// where a K-quant's multiplied-out scales are rounded to f16 (2^-11 of each part of a value,
+/// or 2^-25 where the product is subnormal), plus the f32 roundings of computing it.
+pub fn copy_error_bound(ty: GgmlType, row: &[u8], b: usize) -> [f32; 32] {
+    let f16_err = |v: f32| v.abs() * (1.0 / 2048.0) + 1.0 / (1 << 25) as f32;
+    let mut bound = [0f32; 32];
+    match ty {
+        GgmlType::Q4K => {
+            let mut q = [0i8; 32];
+            let (d, m) = unpack_k_sub(ty, &row[(b / 8) * 144..][..144], b % 8, &mut q);
+            for (o, q) in bound.iter_mut().zip(q) {
+                let parts = d.abs() * q as f32 + m.abs();
+                *o = f16_err(d) * q as f32 + f16_err(m) + 2.0 * parts * f32::EPSILON;
+            }
+        }
+        GgmlType::Q6K => {
+            let sup = &row[(b / 8) * 210..][..210];
+            for (half, out) in bound.chunks_mut(16).enumerate() {
+                let mut q = [0i8; 16];
+                let d = f16_at(sup, 208) * unpack_q6k_16(sup, 2 * (b % 8) + half, &mut q) as f32;
+                for (o, q) in out.iter_mut().zip(q) {
+                    *o = (f16_err(d) + d.abs() * f32::EPSILON) * (q as f32).abs();
+                }
+            }
+        }
+        _ => {}
+    }
+    bound
+}
+
 /// Interleaves `rows × cols` weights of a type that [`interleaves`] takes (`rows` a multiple
 /// of 8).
 pub fn interleave(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<u8> {
@@ -498,8 +528,7 @@ mod tests {
     }
 
     /// Rows read back from the copy: the GGUF values exactly, or within the f16 rounding of
-    /// the multiplied-out K-quant scales (at most 4·2^-11 of the block's largest value, since
-    /// random nibbles reach both ends and the min is one of them).
+    /// the multiplied-out K-quant scales ([`copy_error_bound`]).
     #[test]
     fn each_row_comes_back_from_the_interleaved_copy() {
         let (rows, cols) = (24, 512);
@@ -516,9 +545,8 @@ mod tests {
                 for b in 0..cols / 32 {
                     dequantize_block(ty, &il, (cols, r, b), &mut got);
                     let want = &want[32 * b..32 * b + 32];
-                    let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let tol = if rounds { 4.0 * top / 2048.0 } else { 0.0 };
-                    for (g, w) in got.iter().zip(want) {
+                    let bound = copy_error_bound(ty, &data[r * rb..(r + 1) * rb], b);
+                    for ((g, w), tol) in got.iter().zip(want).zip(bound) {
                         assert!(
                             (g - w).abs() <= tol,
                             "{ty:?} row {r} block {b}: {g} against {w}"

@@ -221,6 +221,8 @@ pub fn matmul(x: &QuantizedRows, w: &QMatrix, out: &mut [f32]) {
 fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [f32]) {
     let n = w.rows;
     let rb = w.row_bytes();
+    // The weights as loaded, for the plain kernels (a matrix without them has a group kernel).
+    let plain: &[u8] = if w.plain { w.data() } else { &[] };
     let float = x.precise || matches!(w.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     let avx2 = super::simd::has_avx2();
     #[cfg(target_arch = "x86_64")]
@@ -257,7 +259,7 @@ fn matmul_rows(x: &QuantizedRows, w: &QMatrix, r0: usize, r1: usize, out: &mut [
                 if float {
                     dot_float_rows(w, r, x, i, g, &mut acc);
                 } else {
-                    let wrow = &w.data()[r * rb..(r + 1) * rb];
+                    let wrow = &plain[r * rb..(r + 1) * rb];
                     dot_rows_with(avx2, w.ty, wrow, &rows[..g], &mut acc);
                 }
                 for (a, v) in acc.iter().enumerate().take(g) {
