@@ -246,7 +246,8 @@ enum Command {
         /// Bench a model of this shape with random weights instead of --model.
         #[arg(long, value_enum)]
         synthetic: Option<SyntheticModel>,
-        /// Weight format of the synthetic model (`q4_k_m`: llama.cpp's mix of Q4_K and Q6_K).
+        /// Weight format of the synthetic model (`q4_k_m`, `q5_k_m`: llama.cpp's mixes of Q4_K or
+        /// Q5_K with Q6_K).
         #[arg(long, default_value = "q4_k")]
         quant: String,
         /// Packed decode batch sizes to measure.
@@ -629,11 +630,17 @@ fn parse_quant(q: &str) -> Result<SyntheticQuant> {
         "q4_0" => all(GgmlType::Q4_0),
         "q4_1" => all(GgmlType::Q4_1),
         "q8_0" => all(GgmlType::Q8_0),
+        "q5_0" => all(GgmlType::Q5_0),
+        "q5_1" => all(GgmlType::Q5_1),
         "q4_k" => all(GgmlType::Q4K),
+        "q5_k" => all(GgmlType::Q5K),
         "q6_k" => all(GgmlType::Q6K),
         "f16" => all(GgmlType::F16),
         "q4_k_m" => SyntheticQuant::Q4KM,
-        other => bail!("unknown --quant {other} (q4_0, q4_1, q8_0, q4_k, q4_k_m, q6_k, f16)"),
+        "q5_k_m" => SyntheticQuant::Q5KM,
+        other => bail!(
+            "unknown --quant {other} (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q4_k_m, q5_k, q5_k_m, q6_k, f16)"
+        ),
     })
 }
 

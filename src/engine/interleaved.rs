@@ -1,5 +1,6 @@
-//! Q4_0/Q4_1/Q4_K/Q6_K/Q8_0 weights re-laid at load time as groups of 8 rows, with their
-//! kernels for AVX2, AVX-VNNI and AVX512-VNNI (one body; [`kernel`] picks for the CPU).
+//! Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 weights re-laid at load time as groups of 8 rows,
+//! with their kernels for AVX2, AVX-VNNI and AVX512-VNNI (one body; [`kernel`] picks for the
+//! CPU).
 //!
 //! In GGUF order, each (weight row, activation row) pair needs its own scaled float update per
 //! block; batched decode is bound by that float work. Here the blocks of 8 consecutive rows are
@@ -13,9 +14,13 @@
 //! blocks once their 6-bit scale and min are multiplied out (`d·sc`, `-dmin·m`): they take the
 //! Q4 layout and kernel, the products rounded to f16 (within 2^-11 of each, far below what
 //! 8-bit activations cost). Q6_K's values (`q - 32`, 6 bits) are kept as bytes, like Q8_0's,
-//! with one f16 scale (`d·sc`, rounded alike) for each half of 16.
+//! with one f16 scale (`d·sc`, rounded alike) for each half of 16. The 5-bit types take Q4's
+//! layout for their low 4 bits (with a scale and an offset: Q5_0's is `-16·d`, Q5_K's
+//! sub-blocks multiplied out as Q4_K's) and one more vector of their fifth bits, placed so
+//! that two shifts and a mask put each over its nibble (6 bits a value against the file's
+//! 5.5).
 
-use super::quant::{f16_at, unpack_k_sub, unpack_q6k_16, BlockQ8, GgmlType};
+use super::quant::{f16_at, unpack_32, unpack_k_sub, unpack_q6k_16, BlockQ8, GgmlType};
 use half::f16;
 
 /// Bytes of one interleaved Q4 block: 8 d + 8 m (f16) + 128 bytes of nibbles.
@@ -26,38 +31,51 @@ pub const GROUP_BLOCK_Q8: usize = 16 + 256;
 /// Bytes of one interleaved Q6_K block: 8 scales of the first 16 values, 8 of the last (f16),
 /// then 256 bytes of `q - 32` laid out as Q8_0's.
 pub const GROUP_BLOCK_Q6: usize = 32 + 256;
+/// Bytes of one interleaved Q5 block: the Q4 block of the low 4 bits, then one vector of the
+/// fifth bits: byte `4·r + k` holds, at bit `2·v + h`, that of row `r`'s element
+/// `16·h + 4·v + k`, the nibble at byte `k` of lane `r` in vector `v` (low `h = 0` or high).
+pub const GROUP_BLOCK_Q5: usize = GROUP_BLOCK + 32;
+
+/// Whether `ty` is one of the 5-bit types (unsigned bytes with a scale and an offset).
+fn five_bit(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5K)
+}
 
 /// Bytes per interleaved group block of `ty`.
 pub fn group_block(ty: GgmlType) -> usize {
     match ty {
         GgmlType::Q8_0 => GROUP_BLOCK_Q8,
         GgmlType::Q6K => GROUP_BLOCK_Q6,
+        ty if five_bit(ty) => GROUP_BLOCK_Q5,
         _ => GROUP_BLOCK,
     }
 }
 
 /// Whether [`interleave`] takes `ty`.
 pub fn interleaves(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8_0
-    )
+    five_bit(ty)
+        || matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8_0
+        )
 }
 
 /// Where row `r`'s quants of one block sit in an interleaved group block of `ty`: in
 /// `vectors` runs of 4 bytes at `first + 32·v + 4·r` (its scale is at `2·r`, a Q4 offset at
-/// `16 + 2·r`, a Q6 second scale at `16 + 2·r`).
+/// `16 + 2·r`, a Q6 second scale at `16 + 2·r`, a Q5 offset at `16 + 2·r`).
 fn quant_runs(ty: GgmlType) -> (usize, usize) {
     match ty {
         GgmlType::Q8_0 => (16, 8),
         GgmlType::Q6K => (32, 8),
+        ty if five_bit(ty) => (32, 5),
         _ => (32, 4),
     }
 }
 
-/// One block of a row as the group layout holds it: two f16 words (Q4: scale and offset;
-/// Q8_0: scale, unused; Q6: the two halves' scales) and its quant bytes (Q4: 16 bytes of
-/// nibbles, element `j` low and `j + 16` high; Q8_0 and Q6: 32 signed bytes).
+/// One block of a row as the group layout holds it: two f16 words (Q4 and Q5: scale and
+/// offset; Q8_0: scale, unused; Q6: the two halves' scales) and its quant bytes (Q4: 16 bytes
+/// of nibbles, element `j` low and `j + 16` high; Q8_0 and Q6: 32 signed bytes; Q5: Q4's 16
+/// bytes, then its 4 bytes of fifth bits, see [`GROUP_BLOCK_Q5`]).
 type Block = ([u8; 2], [u8; 2], [u8; 32]);
 
 /// Block `b` (of 32 values) of GGUF row `row` of `ty`, as [`Block`].
@@ -85,6 +103,20 @@ fn block(ty: GgmlType, row: &[u8], b: usize) -> Block {
             }
             (h(d), h(m), qs)
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let bb = ty.block().1;
+            let src = &row[b * bb..(b + 1) * bb];
+            let mut q = [0i8; 32];
+            // Q5_0's offset `-16·d` is exact in f16 (a power of two times an f16).
+            let (_, m) = unpack_32(ty, src, &mut q);
+            ([src[0], src[1]], h(m), pack_5_bits(&q))
+        }
+        GgmlType::Q5K => {
+            let sup = &row[(b / 8) * 176..][..176];
+            let mut q = [0i8; 32];
+            let (d, m) = unpack_k_sub(ty, sup, b % 8, &mut q);
+            (h(d), h(m), pack_5_bits(&q))
+        }
         GgmlType::Q6K => {
             let sup = &row[(b / 8) * 210..][..210];
             let d = f16_at(sup, 208);
@@ -108,6 +140,29 @@ fn block(ty: GgmlType, row: &[u8], b: usize) -> Block {
     }
 }
 
+/// 32 values of 5 bits as a Q5 [`Block`]'s bytes: nibbles as Q4's, then the fifth bits.
+fn pack_5_bits(q: &[i8; 32]) -> [u8; 32] {
+    let mut qs = [0u8; 32];
+    for j in 0..16 {
+        qs[j] = (q[j] as u8 & 0xF) | (q[j + 16] as u8 & 0xF) << 4;
+    }
+    for k in 0..4 {
+        for v in 0..4 {
+            for h in 0..2 {
+                qs[16 + k] |= ((q[16 * h + 4 * v + k] as u8 >> 4) & 1) << (2 * v + h);
+            }
+        }
+    }
+    qs
+}
+
+/// Element `j` of a Q5 [`Block`]'s bytes (the inverse of [`pack_5_bits`]).
+fn unpack_5_bits(qs: &[u8; 32], j: usize) -> u8 {
+    let (h, v, k) = (j / 16, (j % 16) / 4, j % 4);
+    let low = (qs[j % 16] >> (4 * h)) & 0xF;
+    low | ((qs[16 + k] >> (2 * v + h)) & 1) << 4
+}
+
 /// How far each value of block `b` of GGUF row `row` may move in the copy: nothing, except
 /// where a K-quant's multiplied-out scales are rounded to f16 (2^-11 of each part of a value,
 /// or 2^-25 where the product is subnormal), plus the f32 roundings of computing it.
@@ -115,9 +170,10 @@ pub fn copy_error_bound(ty: GgmlType, row: &[u8], b: usize) -> [f32; 32] {
     let f16_err = |v: f32| v.abs() * (1.0 / 2048.0) + 1.0 / (1 << 25) as f32;
     let mut bound = [0f32; 32];
     match ty {
-        GgmlType::Q4K => {
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let bb = ty.block().1;
             let mut q = [0i8; 32];
-            let (d, m) = unpack_k_sub(ty, &row[(b / 8) * 144..][..144], b % 8, &mut q);
+            let (d, m) = unpack_k_sub(ty, &row[(b / 8) * bb..][..bb], b % 8, &mut q);
             for (o, q) in bound.iter_mut().zip(q) {
                 let parts = d.abs() * q as f32 + m.abs();
                 *o = f16_err(d) * q as f32 + f16_err(m) + 2.0 * parts * f32::EPSILON;
@@ -189,6 +245,7 @@ pub fn dequantize_block(
         *o = match ty {
             GgmlType::Q8_0 => s0 * qs[j] as i8 as f32,
             GgmlType::Q6K => (if j < 16 { s0 } else { s1 }) * qs[j] as i8 as f32,
+            ty if five_bit(ty) => s0 * unpack_5_bits(&qs, j) as f32 + s1,
             _ => s0 * ((qs[j % 16] >> (4 * (j / 16))) & 0xF) as f32 + s1,
         };
     }
@@ -210,44 +267,45 @@ pub type GroupKernel = unsafe fn(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32;
 #[cfg(target_arch = "x86_64")]
 pub fn kernel(ty: GgmlType) -> Option<GroupKernel> {
     use std::arch::is_x86_feature_detected as has;
-    // Q4, Q8_0 and Q6 kernels of the best instruction set, chosen once.
-    static PICKED: std::sync::OnceLock<Option<[GroupKernel; 3]>> = std::sync::OnceLock::new();
+    // Q4, Q8_0, Q6 and Q5 kernels of the best instruction set, chosen once.
+    static PICKED: std::sync::OnceLock<Option<[GroupKernel; 4]>> = std::sync::OnceLock::new();
     let picked = PICKED.get_or_init(|| {
         if !super::simd::has_avx2() {
             None
         } else if has!("avxvnni") {
-            Some([vnni::dot_group, vnni::dot_group_q8_0, vnni::dot_group_q6])
+            Some(vnni::KERNELS)
         } else if has!("avx512vnni") && has!("avx512vl") {
-            Some([
-                vnni512::dot_group,
-                vnni512::dot_group_q8_0,
-                vnni512::dot_group_q6,
-            ])
+            Some(vnni512::KERNELS)
         } else {
-            Some([avx2::dot_group, avx2::dot_group_q8_0, avx2::dot_group_q6])
+            Some(avx2::KERNELS)
         }
     });
-    let which = match ty {
-        GgmlType::Q8_0 => 1,
-        GgmlType::Q6K => 2,
-        _ => 0,
-    };
-    picked.map(|k| k[which])
+    picked.map(|k| k[kernel_index(ty)])
 }
 
-/// Runs `$kernel::<R>` on each run of up to four activation rows (and their outputs), over
-/// weights in group blocks of `$block` bytes.
+/// Where `ty`'s kernel sits in each instruction set's `KERNELS`.
+fn kernel_index(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q8_0 => 1,
+        GgmlType::Q6K => 2,
+        ty if five_bit(ty) => 3,
+        _ => 0,
+    }
+}
+
+/// Runs `$kernel::<R>` (or `$kernel::<R, $flag>`) on each run of up to four activation rows
+/// (and their outputs), over weights in group blocks of `$block` bytes.
 macro_rules! by_fours {
-    ($kernel:ident, $block:expr, $w:expr, $rows:expr, $out:expr) => {
+    ($kernel:ident $([$flag:literal])?, $block:expr, $w:expr, $rows:expr, $out:expr) => {
         let nb = $rows[0].len();
         debug_assert!($w.len() >= nb * $block && $out.len() >= $rows.len());
         debug_assert!($rows.iter().all(|r| r.len() == nb));
         for (rows, out) in $rows.chunks(4).zip($out.chunks_mut(4)) {
             match rows.len() {
-                4 => $kernel::<4>($w, rows, out),
-                3 => $kernel::<3>($w, rows, out),
-                2 => $kernel::<2>($w, rows, out),
-                _ => $kernel::<1>($w, rows, out),
+                4 => $kernel::<4 $(, $flag)?>($w, rows, out),
+                3 => $kernel::<3 $(, $flag)?>($w, rows, out),
+                2 => $kernel::<2 $(, $flag)?>($w, rows, out),
+                _ => $kernel::<1 $(, $flag)?>($w, rows, out),
             }
         }
     };
@@ -277,7 +335,11 @@ macro_rules! group_kernels {
         pub mod $module {
             use std::arch::x86_64::*;
 
-            use super::{BlockQ8, GROUP_BLOCK, GROUP_BLOCK_Q6, GROUP_BLOCK_Q8};
+            use super::{BlockQ8, GROUP_BLOCK, GROUP_BLOCK_Q5, GROUP_BLOCK_Q6, GROUP_BLOCK_Q8};
+
+            /// Q4, Q8_0, Q6 and Q5 kernels, in the order of [`super::kernel_index`].
+            pub const KERNELS: [super::GroupKernel; 4] =
+                [dot_group, dot_group_q8_0, dot_group_q6, dot_group_q5];
 
             /// Q4_0/Q4_1: see [`super::GroupKernel`]. Up to four activation rows share each
             /// unpacking of the nibbles; every row gets the same arithmetic however many share.
@@ -286,50 +348,92 @@ macro_rules! group_kernels {
             /// As for [`super::GroupKernel`].
             #[target_feature(enable = $features)]
             pub unsafe fn dot_group(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
-                by_fours!(q4_rows, GROUP_BLOCK, w, rows, out);
+                by_fours!(nibble_rows[false], GROUP_BLOCK, w, rows, out);
             }
 
+            /// Q5_0/Q5_1/Q5_K: see [`super::GroupKernel`]. Q4's nibbles with their fifth bits
+            /// put over them, up to four activation rows sharing each unpacking.
+            ///
+            /// # Safety
+            /// As for [`super::GroupKernel`].
+            #[target_feature(enable = $features)]
+            pub unsafe fn dot_group_q5(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
+                by_fours!(nibble_rows[true], GROUP_BLOCK_Q5, w, rows, out);
+            }
+
+            /// The Q4 kernel, and with `FIVE` the Q5 one (a vector of fifth bits after the
+            /// nibbles of each block).
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn q4_rows<const R: usize>(w: &[u8], rows: &[&[BlockQ8]], out: &mut [[f32; 8]]) {
+            unsafe fn nibble_rows<const R: usize, const FIVE: bool>(
+                w: &[u8],
+                rows: &[&[BlockQ8]],
+                out: &mut [[f32; 8]],
+            ) {
                 let nb = rows[0].len();
+                let block = if FIVE { GROUP_BLOCK_Q5 } else { GROUP_BLOCK };
                 let mask = _mm256_set1_epi8(0xF);
+                let bit4 = _mm256_set1_epi8(0x10);
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut macc = [_mm256_setzero_ps(); R];
                 let mut p = w.as_ptr();
                 for b in 0..nb {
                     let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
                     let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+                    // Vector `v`'s fifth bits sit at bits 2v and 2v+1 of each byte: shifted
+                    // down by 2v, then up to bit 4 (in 16-bit words, but the bits kept never
+                    // cross a byte).
+                    let mut fifth = if FIVE {
+                        _mm256_loadu_si256(p.add(GROUP_BLOCK) as *const __m256i)
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    // 16-bit sums (each lane gains at most 2·15·127 a product for Q4, so eight
+                    // stay below 2^15; 2·31·127 for Q5, so they widen after four), and the
+                    // widened ones.
+                    let mut part = [_mm256_setzero_si256(); R];
                     let mut sum = [_mm256_setzero_si256(); R];
                     for v in 0..4 {
                         let raw = _mm256_loadu_si256(p.add(32 + 32 * v) as *const __m256i);
-                        let lo = _mm256_and_si256(raw, mask);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                        let mut lo = _mm256_and_si256(raw, mask);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                        if FIVE {
+                            let up = _mm256_and_si256(_mm256_slli_epi16(fifth, 4), bit4);
+                            lo = _mm256_or_si256(lo, up);
+                            let up = _mm256_and_si256(_mm256_slli_epi16(fifth, 3), bit4);
+                            hi = _mm256_or_si256(hi, up);
+                            fifth = _mm256_srli_epi16(fifth, 2);
+                        }
                         for r in 0..R {
                             let xq = rows[r].get_unchecked(b).qs.as_ptr() as *const i32;
                             let xl = _mm256_set1_epi32(xq.add(v).read_unaligned());
                             let xh = _mm256_set1_epi32(xq.add(4 + v).read_unaligned());
-                            // In 16 bits each lane is at most 2·15·127; eight stay below 2^15.
-                            sum[r] = {
-                                let ($a16, $u16, $s16) = (sum[r], lo, xl);
+                            part[r] = {
+                                let ($a16, $u16, $s16) = (part[r], lo, xl);
                                 $acc16
                             };
-                            sum[r] = {
-                                let ($a16, $u16, $s16) = (sum[r], hi, xh);
+                            part[r] = {
+                                let ($a16, $u16, $s16) = (part[r], hi, xh);
                                 $acc16
                             };
+                        }
+                        if v % 2 == 1 && (FIVE || v == 3) {
+                            for r in 0..R {
+                                sum[r] = _mm256_add_epi32(sum[r], {
+                                    let $w = part[r];
+                                    $wide
+                                });
+                                part[r] = _mm256_setzero_si256();
+                            }
                         }
                     }
                     for r in 0..R {
                         let x = rows[r].get_unchecked(b);
-                        let s = _mm256_cvtepi32_ps({
-                            let $w = sum[r];
-                            $wide
-                        });
+                        let s = _mm256_cvtepi32_ps(sum[r]);
                         acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(x.d)), acc[r]);
                         macc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.s), macc[r]);
                     }
-                    p = p.add(GROUP_BLOCK);
+                    p = p.add(block);
                 }
                 for r in 0..R {
                     _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], macc[r]));
@@ -478,7 +582,7 @@ mod tests {
             } else {
                 let d = f16::from_f32(0.01 + (blk % 7) as f32 * 0.001).to_le_bytes();
                 b[..2].copy_from_slice(&d);
-                if ty == GgmlType::Q4_1 {
+                if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
                     b[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
                 }
             }
@@ -487,10 +591,13 @@ mod tests {
         out
     }
 
-    const ALL: [GgmlType; 5] = [
+    const ALL: [GgmlType; 8] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q4K,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q5K,
         GgmlType::Q6K,
         GgmlType::Q8_0,
     ];
@@ -536,7 +643,7 @@ mod tests {
             let data = raw(ty, rows, cols);
             let il = interleave(ty, &data, rows, cols);
             let rb = ty.row_bytes(cols);
-            let rounds = matches!(ty, GgmlType::Q4K | GgmlType::Q6K);
+            let rounds = matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K);
             let mut rounded = 0;
             for r in 0..rows {
                 let mut want = vec![0f32; cols];
@@ -574,29 +681,21 @@ mod tests {
         for ty in ALL {
             let il = interleave(ty, &raw(ty, rows, cols), rows, cols);
             let span = cols / 32 * group_block(ty);
-            let pick = |a: GroupKernel, b: GroupKernel, c: GroupKernel| match ty {
-                GgmlType::Q8_0 => b,
-                GgmlType::Q6K => c,
-                _ => a,
-            };
+            let pick = |set: [GroupKernel; 4]| set[kernel_index(ty)];
             // Every count of rows a call may get (1 to 8: each way of sharing the unpacking).
             for m in 1..=8 {
                 let acts = &acts[..m];
-                let plain = pick(avx2::dot_group, avx2::dot_group_q8_0, avx2::dot_group_q6);
+                let plain = pick(avx2::KERNELS);
                 let base = run(plain, &il, span, acts, true);
                 assert!(base.iter().all(|&b| f32::from_bits(b) != 0.0));
                 let alone = run(plain, &il, span, acts, false);
                 assert_eq!(base, alone, "{m} rows against each alone, {ty:?}");
                 if has!("avxvnni") {
-                    let k = pick(vnni::dot_group, vnni::dot_group_q8_0, vnni::dot_group_q6);
+                    let k = pick(vnni::KERNELS);
                     assert_eq!(run(k, &il, span, acts, true), base, "AVX-VNNI, {m}, {ty:?}");
                 }
                 if has!("avx512vnni") && has!("avx512vl") {
-                    let k = pick(
-                        vnni512::dot_group,
-                        vnni512::dot_group_q8_0,
-                        vnni512::dot_group_q6,
-                    );
+                    let k = pick(vnni512::KERNELS);
                     assert_eq!(
                         run(k, &il, span, acts, true),
                         base,

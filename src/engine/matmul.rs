@@ -58,8 +58,8 @@ impl QMatrix {
         !self.plain
     }
 
-    /// Adds the 8-row interleaved copy that the AVX2 kernels prefer, where it applies (Q4_0,
-    /// Q4_1, Q4_K, Q6_K and Q8_0, rows a multiple of 8, a CPU with AVX2).
+    /// Adds the 8-row interleaved copy that the AVX2 kernels prefer, where it applies (every
+    /// block type, rows a multiple of 8, a CPU with AVX2).
     /// Returns whether it did.
     pub fn interleave(&mut self) -> bool {
         if interleaved::interleaves(self.ty)
@@ -621,6 +621,9 @@ mod tests {
             GgmlType::Q4_0,
             GgmlType::Q4_1,
             GgmlType::Q4K,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q5K,
             GgmlType::Q6K,
             GgmlType::Q8_0,
         ];
@@ -644,7 +647,7 @@ mod tests {
                 let top = w.iter().fold(0f32, |t, v| t.max(v.abs()));
                 let xs: f32 = x[i * k..(i + 1) * k].iter().map(|v| v.abs()).sum();
                 let tol = match ty {
-                    GgmlType::Q4K | GgmlType::Q6K => 4.0 * top * xs / 2048.0,
+                    GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 4.0 * top * xs / 2048.0,
                     _ => 1e-3 * (1.0 + u.abs()),
                 };
                 assert!((u - v).abs() <= tol, "{ty:?}: {u} vs {v}");

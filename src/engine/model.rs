@@ -113,38 +113,40 @@ pub(super) enum WeightSource<'a> {
 }
 
 /// Weight formats of a model with random weights: one type for every matrix, or the mix that
-/// llama.cpp's quantizer makes for `Q4_K_M` (the flagship's file).
+/// llama.cpp's quantizer makes for `Q4_K_M` (the flagship's file) or `Q5_K_M`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyntheticQuant {
     All(GgmlType),
     Q4KM,
+    Q5KM,
 }
 
 impl SyntheticQuant {
-    /// The type of tensor `name` in a model of `n_layers`. For `Q4_K_M`, llama.cpp's rule:
-    /// Q6_K for the output projection (the tied embedding table here) and for `attn_v` and
-    /// `ffn_down` in the first and last eighth of the layers and every third layer between,
-    /// Q4_K for the rest.
+    /// The type of tensor `name` in a model of `n_layers`. For `Q4_K_M` and `Q5_K_M`,
+    /// llama.cpp's rule: Q6_K for the output projection (the tied embedding table here) and
+    /// for `attn_v` and `ffn_down` in the first and last eighth of the layers and every third
+    /// layer between, Q4_K (Q5_K) for the rest.
     fn type_for(self, name: &str, n_layers: usize) -> GgmlType {
-        let Self::All(ty) = self else {
-            let layer = name
-                .strip_prefix("blk.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|i| i.parse::<usize>().ok());
-            let eighth = n_layers / 8;
-            let more_bits = |i: usize| i < eighth || i >= 7 * n_layers / 8 || (i - eighth) % 3 == 2;
-            return match layer {
-                None => GgmlType::Q6K,
-                Some(i)
-                    if (name.contains(".attn_v.") || name.contains(".ffn_down."))
-                        && more_bits(i) =>
-                {
-                    GgmlType::Q6K
-                }
-                Some(_) => GgmlType::Q4K,
-            };
+        let base = match self {
+            Self::All(ty) => return ty,
+            Self::Q4KM => GgmlType::Q4K,
+            Self::Q5KM => GgmlType::Q5K,
         };
-        ty
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let eighth = n_layers / 8;
+        let more_bits = |i: usize| i < eighth || i >= 7 * n_layers / 8 || (i - eighth) % 3 == 2;
+        match layer {
+            None => GgmlType::Q6K,
+            Some(i)
+                if (name.contains(".attn_v.") || name.contains(".ffn_down.")) && more_bits(i) =>
+            {
+                GgmlType::Q6K
+            }
+            Some(_) => base,
+        }
     }
 }
 
@@ -657,6 +659,10 @@ mod tests {
             assert_eq!(ty(&format!("blk.0.{name}.weight")), GgmlType::Q4K, "{name}");
         }
         assert_eq!(ty("blk.4.attn_v.weight"), GgmlType::Q4K);
+        let q5 = |name: &str| SyntheticQuant::Q5KM.type_for(name, 36);
+        assert_eq!(q5("blk.6.ffn_down.weight"), GgmlType::Q6K);
+        assert_eq!(q5("blk.7.ffn_down.weight"), GgmlType::Q5K);
+        assert_eq!(q5("token_embd.weight"), GgmlType::Q6K);
         assert_eq!(
             SyntheticQuant::All(GgmlType::Q8_0).type_for("token_embd.weight", 36),
             GgmlType::Q8_0
