@@ -83,39 +83,19 @@ fn block(ty: GgmlType, row: &[u8], b: usize) -> Block {
     let h = |v: f32| f16::from_f32(v).to_le_bytes();
     let mut qs = [0u8; 32];
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let bb = ty.block().1;
-            let src = &row[b * bb..(b + 1) * bb];
-            let (m, q) = if ty == GgmlType::Q4_0 {
-                (h(-8.0 * f16_at(src, 0)), &src[2..18])
-            } else {
-                ([src[2], src[3]], &src[4..20])
-            };
-            qs[..16].copy_from_slice(q);
-            ([src[0], src[1]], m, qs)
-        }
-        GgmlType::Q4K => {
-            let sup = &row[(b / 8) * 144..][..144];
-            let mut q = [0i8; 32];
-            let (d, m) = unpack_k_sub(ty, sup, b % 8, &mut q);
-            for j in 0..16 {
-                qs[j] = q[j] as u8 | (q[j + 16] as u8) << 4;
-            }
-            (h(d), h(m), qs)
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
             let bb = ty.block().1;
             let src = &row[b * bb..(b + 1) * bb];
             let mut q = [0i8; 32];
-            // Q5_0's offset `-16·d` is exact in f16 (a power of two times an f16).
+            // The `-8·d` and `-16·d` offsets are exact in f16 (a power of two times an f16).
             let (_, m) = unpack_32(ty, src, &mut q);
-            ([src[0], src[1]], h(m), pack_5_bits(&q))
+            ([src[0], src[1]], h(m), pack_nibbles(&q, five_bit(ty)))
         }
-        GgmlType::Q5K => {
-            let sup = &row[(b / 8) * 176..][..176];
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let bb = ty.block().1;
             let mut q = [0i8; 32];
-            let (d, m) = unpack_k_sub(ty, sup, b % 8, &mut q);
-            (h(d), h(m), pack_5_bits(&q))
+            let (d, m) = unpack_k_sub(ty, &row[(b / 8) * bb..][..bb], b % 8, &mut q);
+            (h(d), h(m), pack_nibbles(&q, five_bit(ty)))
         }
         GgmlType::Q6K => {
             let sup = &row[(b / 8) * 210..][..210];
@@ -140,13 +120,14 @@ fn block(ty: GgmlType, row: &[u8], b: usize) -> Block {
     }
 }
 
-/// 32 values of 5 bits as a Q5 [`Block`]'s bytes: nibbles as Q4's, then the fifth bits.
-fn pack_5_bits(q: &[i8; 32]) -> [u8; 32] {
+/// 32 values of 4 bits (or, `five`, 5 bits) as a Q4 (Q5) [`Block`]'s bytes: the nibbles,
+/// element `j` low and `j + 16` high, then for Q5 the fifth bits.
+fn pack_nibbles(q: &[i8; 32], five: bool) -> [u8; 32] {
     let mut qs = [0u8; 32];
     for j in 0..16 {
         qs[j] = (q[j] as u8 & 0xF) | (q[j + 16] as u8 & 0xF) << 4;
     }
-    for k in 0..4 {
+    for k in (0..4).filter(|_| five) {
         for v in 0..4 {
             for h in 0..2 {
                 qs[16 + k] |= ((q[16 * h + 4 * v + k] as u8 >> 4) & 1) << (2 * v + h);
@@ -156,7 +137,7 @@ fn pack_5_bits(q: &[i8; 32]) -> [u8; 32] {
     qs
 }
 
-/// Element `j` of a Q5 [`Block`]'s bytes (the inverse of [`pack_5_bits`]).
+/// Element `j` of a Q5 [`Block`]'s bytes (the inverse of [`pack_nibbles`] for Q5).
 fn unpack_5_bits(qs: &[u8; 32], j: usize) -> u8 {
     let (h, v, k) = (j / 16, (j % 16) / 4, j % 4);
     let low = (qs[j % 16] >> (4 * h)) & 0xF;

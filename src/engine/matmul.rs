@@ -58,8 +58,8 @@ impl QMatrix {
         !self.plain
     }
 
-    /// Adds the 8-row interleaved copy that the AVX2 kernels prefer, where it applies (every
-    /// block type, rows a multiple of 8, a CPU with AVX2).
+    /// Adds the 8-row interleaved copy that the AVX2 kernels prefer, where it applies (the
+    /// types [`interleaved::interleaves`] takes, rows a multiple of 8, a CPU with AVX2).
     /// Returns whether it did.
     pub fn interleave(&mut self) -> bool {
         if interleaved::interleaves(self.ty)
