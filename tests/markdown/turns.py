@@ -7,6 +7,7 @@ Usage: turns.py DIR HEADINGS, or turns.py --install (only install). Installs cma
 ~/.cache/smolchat/python when missing.
 """
 import glob
+import importlib
 import os
 import re
 import subprocess
@@ -27,6 +28,8 @@ except ImportError:
              "--target", LIB, PIN],
             check=True,
         )
+        # The folder did not exist when the import above looked: forget that it was missing.
+        importlib.invalidate_caches()
         import cmarkgfm
 from cmarkgfm.cmark import Options
 
