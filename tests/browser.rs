@@ -49,9 +49,7 @@ fn the_page_works_in_a_real_browser() {
         .build()
         .unwrap();
     let config = |name: &str, scheduler| {
-        let dir =
-            std::env::temp_dir().join(format!("smolchat-browser-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = common::scratch(&format!("browser-{name}"));
         ServerConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir,

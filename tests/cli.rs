@@ -184,13 +184,7 @@ fn missing_and_broken_models_get_clear_errors() {
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "smolchat-cli-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch(&format!("cli-{:?}", std::thread::current().id()))
 }
 
 /// `smolchat load --json`'s rows, checked for `users × turns` finished turns and no failure.
@@ -233,8 +227,7 @@ fn load_reaches_a_server_running_elsewhere_and_refuses_what_it_cannot_reach() {
         .local_addr()
         .unwrap()
         .port();
-    let dir = std::env::temp_dir().join(format!("smolchat-cli-load-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::scratch("cli-load");
     /// The `serve` process, stopped however the test ends.
     struct Server(std::process::Child, std::path::PathBuf);
     impl Drop for Server {
@@ -358,8 +351,7 @@ fn several_prompts_generate_together_with_each_ones_own_tokens() {
 
 #[test]
 fn backup_writes_a_new_file_and_never_overwrites_one() {
-    let dir = std::env::temp_dir().join(format!("smolchat-cli-backup-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::scratch("cli-backup");
     let data = dir.join("data");
     let data = data.to_str().unwrap();
     let out = smolchat(&["token", "--data-dir", data]);

