@@ -39,11 +39,14 @@ pub fn scratch(name: &str) -> PathBuf {
 /// This test process's own folder in `$TMPDIR/smolchat-tests/`. A test binary cannot clean up
 /// after its last test, so each one removes, the first time it asks, the folders of test
 /// processes that have ended: what runs leave behind is one run's worth, not every run's.
+/// Without `/proc` (not Linux) nothing is removed, since no process could be told alive.
 pub fn scratch_root() -> &'static std::path::Path {
     static MINE: OnceLock<PathBuf> = OnceLock::new();
     MINE.get_or_init(|| {
         let root = std::env::temp_dir().join("smolchat-tests");
-        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let can_tell = std::path::Path::new("/proc/self").exists();
+        let entries = std::fs::read_dir(&root).into_iter().flatten().flatten();
+        for entry in entries.filter(|_| can_tell) {
             let ended = entry
                 .file_name()
                 .to_str()
